@@ -1,0 +1,249 @@
+"""Run method scripts over tasks x seeds as subprocesses and (re)write RESULTS.md and results.json.
+
+    python benchmark.py --methods dann --tasks mnist-usps usps-mnist mnist-mnistm --seeds 0 1 2 --jobs 2
+    python benchmark.py --methods dann --tasks mnist-mnistm --seeds 0 1 2 --jobs 2 -- --lambda-max 0
+    python benchmark.py --overhead --tasks mnist-mnistm --overhead-steps 300     # loop overhead vs bare networks
+
+Everything after `--` is passed to every run. Each (method, task, extra flags) is one row; re-running the same
+row replaces it, other rows are kept (results.json is the store, RESULTS.md is rendered from it). Only measured
+runs appear. Each run's stdout/stderr is kept under <out>/logs/.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# The papers' own numbers (target test accuracy, %), keyed by (method, task, variant). None: not reported.
+PAPER = {
+    ("dann", "mnist-mnistm", "dann"): 76.66, ("dann", "mnist-mnistm", "source-only"): 52.25,
+    ("dann", "mnist-mnistm", "oracle"): 95.96,
+    ("dann", "svhn-mnist", "dann"): 73.85, ("dann", "svhn-mnist", "source-only"): 54.90,
+    ("dann", "svhn-mnist", "oracle"): 99.42,
+    ("dann", "syndigits-svhn", "dann"): 91.09, ("dann", "syndigits-svhn", "source-only"): 86.74,
+    ("dann", "syndigits-svhn", "oracle"): 92.20,
+}
+PAPER_NOTES = {
+    ("dann", "mnist-usps"): "not in the paper (TLlib's DANN+LeNet: 91.7, selected on target test)",
+    ("dann", "usps-mnist"): "not in the paper (TLlib's DANN+LeNet: 95.2, selected on target test)",
+    ("dann", "mnist-svhn"): "the paper's failure case, no number",
+}
+
+
+def parse_args():
+    argv = sys.argv[1:]
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["dann"], help="method scripts (without .py)")
+    p.add_argument("--tasks", nargs="+", default=["mnist-usps", "usps-mnist", "mnist-mnistm"], help="tasks")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs torch threads)")
+    p.add_argument("--out", default="runs/benchmark", help="parent folder of the run folders and logs")
+    p.add_argument("--results", default=str(HERE / "results.json"), help="results store")
+    p.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="rendered table")
+    p.add_argument("--overhead", action="store_true", help="measure training-loop overhead instead (dann only)")
+    p.add_argument("--overhead-steps", type=int, default=300, help="steps for --overhead")
+    args = p.parse_args(argv)
+    args.extra = extra
+    return args
+
+
+def hardware():
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def run_one(method, task, seed, extra, threads, out):
+    cmd = [sys.executable, str(HERE / f"{method}.py"), "--task", task, "--seed", str(seed), "--out", out]
+    if "--threads" not in extra:
+        cmd += ["--threads", str(threads)]
+    cmd += extra
+    logs = Path(out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    tag = f"{method}__{task}__{seed}__{abs(hash(tuple(extra))) % 10**8}"
+    t0 = time.time()
+    with open(logs / f"{tag}.out", "w") as fo, open(logs / f"{tag}.err", "w") as fe:
+        rc = subprocess.run(cmd, stdout=fo, stderr=fe, cwd=HERE).returncode
+    lines = (logs / f"{tag}.out").read_text().strip().splitlines()
+    shown = "python " + " ".join(shlex.quote(c) for c in [f"{method}.py"] + cmd[2:])
+    if rc != 0 or not lines:
+        err = (logs / f"{tag}.err").read_text().strip().splitlines()
+        print(f"FAILED ({rc}): {shown}\n  {err[-1] if err else ''}", flush=True)
+        return None
+    summary = json.loads(lines[-1])
+    print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']:.2f} "
+          f"source {summary['source_acc']:.2f}", flush=True)
+    return dict(summary, command=shown)
+
+
+def mean_std(values):
+    if not values:
+        return "—"
+    m = statistics.mean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def render(store, path):
+    rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], r["variant"], r["steps"]))
+    out = [
+        "# Results",
+        "",
+        "Written by `benchmark.py` from `results.json`; every row is a measured run on this repository's code.",
+        "Accuracy of the **final** model (no checkpoint selection), % on the target *test* split and the source *test*",
+        "split, mean ± std over seeds. `paper` is the paper's own number for the same row (target accuracy).",
+        "",
+        "| method | task | variant | steps | seeds | target acc | source acc | paper | wall time / run | device | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        paper = PAPER.get((r["method"], r["task"], r["variant"]))
+        note = PAPER_NOTES.get((r["method"], r["task"]), "—") if paper is None else f"{paper:.2f}"
+        out.append(f"| {r['method']} | {r['task']} | {r['variant']} | {r['steps']} | {len(r['seeds'])} | "
+                   f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {note} | "
+                   f"{statistics.mean(r['seconds']) / 60:.1f} min | {r['device']} | `{r['command']}` |")
+    out += ["", "Per-seed target accuracy:", ""]
+    for r in rows:
+        per = ", ".join(f"seed {s}: {a:.2f}" for s, a in zip(r["seeds"], r["target_acc"]))
+        out.append(f"- {r['method']} {r['task']} {r['variant']} ({r['steps']} steps): {per}")
+    out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
+    if store.get("overhead"):
+        out += ["## Training-loop overhead", "",
+                "Steps/s of the full script's training loop (sampling by index on the device, normalisation, schedules,",
+                "logging) against a bare forward+backward+SGD step of the same networks on the same batch shapes with",
+                "pre-made random tensors, in one process, same threads.", "",
+                "| task | backbone | threads | steps | script steps/s | bare steps/s | overhead ratio |", "|---|---|---|---|---|---|---|"]
+        for o in store["overhead"].values():
+            out.append(f"| {o['task']} | {o['backbone']} | {o['threads']} | {o['steps']} | {o['script']:.2f} | "
+                       f"{o['bare']:.2f} | {o['ratio']:.3f} |")
+        out.append("")
+    Path(path).write_text("\n".join(out))
+
+
+def load_store(path):
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else {"rows": {}, "overhead": {}}
+
+
+def save_store(store, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(store, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def overhead(task, steps, threads):
+    """Steps/s of dann.main's loop vs. a bare forward+backward of the same networks, in this one process."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(HERE))
+    import common
+    import dann
+
+    torch.set_num_threads(threads)
+    args = dann.parse_args(["--task", task, "--steps", str(steps), "--eval-every", "0", "--no-save-model",
+                            "--log-every", str(steps), "--out", "runs/overhead", "--threads", str(threads)])
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dann.main(args)
+    script = json.loads(buf.getvalue().strip().splitlines()[-1])["train_steps_per_sec"]
+
+    backbone, hidden, _ = dann.TASK_DEFAULTS[task]
+    torch.manual_seed(0)
+    model = common.build_backbone(backbone)
+    disc = dann.domain_classifier(model.feature_dim, hidden)
+    opt = torch.optim.SGD(list(model.parameters()) + list(disc.parameters()), lr=0.01, momentum=0.9)
+    half = args.batch_size // 2
+    x = torch.randn(2 * half, model.in_channels, model.size, model.size)
+    y, d = torch.randint(0, 10, (half,)), torch.cat([torch.zeros(half), torch.ones(half)]).long()
+
+    def step():
+        f = model.features(x)
+        loss = F.cross_entropy(model.classifier(f[:half]), y) + F.cross_entropy(disc(dann.GradReverse.apply(f, 0.5)), d)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(20):
+        step()
+    t0 = time.time()
+    for _ in range(steps):
+        step()
+    bare = steps / (time.time() - t0)
+    return {"task": task, "backbone": backbone, "threads": threads, "steps": steps, "script": script, "bare": bare,
+            "ratio": bare / script}
+
+
+def main():
+    args = parse_args()
+    store = load_store(args.results)
+    store["hardware"] = hardware()
+    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    if args.overhead:
+        for task in args.tasks:
+            o = overhead(task, args.overhead_steps, threads)
+            print(json.dumps(o), flush=True)
+            store.setdefault("overhead", {})[f"{task}__{threads}"] = o
+        save_store(store, args.results)
+        render(store, args.markdown)
+        return
+    for m in args.methods:
+        if not (HERE / f"{m}.py").exists():
+            sys.exit(f"error: no script {m}.py next to benchmark.py")
+    jobs = [(m, t, s) for m in args.methods for t in args.tasks for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        results = list(pool.map(lambda j: run_one(*j, args.extra, threads, args.out), jobs))
+    groups = {}
+    for (m, t, s), r in zip(jobs, results):
+        if r is not None:
+            groups.setdefault((m, t), []).append(r)
+    for (m, t), rs in groups.items():
+        rs.sort(key=lambda r: r["seed"])
+        flags = " ".join(shlex.quote(e) for e in args.extra)
+        seeds = "{" + ",".join(str(r["seed"]) for r in rs) + "}"
+        cmd = f"python {m}.py --task {t} --seed {seeds}" + (f" --threads {threads}" if "--threads" not in args.extra else "")
+        cmd += f" {flags}" if flags else ""
+        key = f"{m}|{t}|{flags}"
+        store["rows"][key] = {
+            "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": flags, "steps": rs[0]["steps"],
+            "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],
+            "source_acc": [r["source_acc"] for r in rs], "seconds": [r["seconds"] for r in rs],
+            "device": rs[0]["device"], "command": cmd, "commands": [r["command"] for r in rs],
+            "extra": {k: [r.get(k) for r in rs] for k in ("source_val_err", "domain_err", "train_steps_per_sec")},
+        }
+        print(f"{m} {t} {rs[0].get('variant', '')}: target {mean_std(store['rows'][key]['target_acc'])} "
+              f"source {mean_std(store['rows'][key]['source_acc'])}", flush=True)
+    save_store(store, args.results)
+    render(store, args.markdown)
+    failed = sum(r is None for r in results)
+    if failed:
+        sys.exit(f"error: {failed} of {len(results)} runs failed; see {args.out}/logs")
+
+
+if __name__ == "__main__":
+    main()

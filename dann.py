@@ -1,0 +1,301 @@
+"""DANN: Unsupervised Domain Adaptation by Backpropagation (Ganin & Lempitsky, ICML 2015).
+
+A feature extractor G_f feeds a label predictor G_y and, through a gradient reversal layer R_lambda, a domain
+classifier G_d. One SGD step on L_y + L_d with R_lambda in between is one step of the saddle-point problem (eq. 9):
+G_d learns to tell source from target, G_f learns to fool it (its gradient from L_d is multiplied by -lambda).
+
+Implemented:
+  * R_lambda(x) = x forward, -lambda * grad backward (eqs. 7-8);              `GradReverse`
+  * E = sum_i L_y(source) - lambda * sum_i L_d(source and target) (eq. 9);     training loop
+  * lambda_p = 2 / (1 + exp(-gamma p)) - 1, gamma = 10 (eq. 14), p = step / steps going 0 -> 1;
+  * mu_p = mu_0 / (1 + alpha p)^beta, mu_0 = 0.01, alpha = 10, beta = 0.75 (the paper's annealing, given in its
+    supplementary material); SGD with momentum 0.9; batch 128 = 64 source + 64 target;
+  * domain classifier x -> 1024 -> 1024 -> 2, and x -> 100 -> 2 for the MNIST network (Sec. 4, "CNN architectures");
+  * no learning-rate annealing on MNIST <-> SVHN, as the paper says for that pair (Sec. 4.1);
+  * baselines in this file: `--lambda-max 0` is the paper's source-only model (no domain branch at all),
+    `--oracle` is its train-on-target upper bound, `--target-labels-per-class 10` its semi-supervised setting;
+  * the paper's unsupervised model-selection signals (Sec. 4, "Choosing meta-parameters"): source validation
+    error and domain-classifier error, logged to metrics.jsonl at every evaluation.
+
+Evaluation protocol: all of the target *train* split is the unlabeled adaptation data; accuracy of the *final*
+model is reported on the target *test* split and the source *test* split. No checkpoint is selected on target
+labels (target test accuracy is logged during training for the learning curve only).
+
+Backbones (common.py): `dann_mnist` (32x32 RGB, MNIST replicated to 3 channels) for mnist-mnistm; `dann_svhn` for
+svhn-mnist, syndigits-svhn and mnist-svhn; the paper does not report MNIST <-> USPS, so mnist-usps / usps-mnist use
+the ADDA/CyCADA `lenet` (28x28 gray) that the later literature uses for that pair, with the paper's own optimiser,
+schedules and x -> 1024 -> 1024 -> 2 domain classifier.
+
+Deviations from the paper, each a flag:
+  * Preprocessing: images are scaled to [-1, 1] instead of per-dataset mean subtraction (one convention for all
+    scripts; a constant shift that SGD absorbs in the first-layer biases).
+  * `--steps` (default 20000): the paper does not state its number of iterations; p = step / steps.
+  * The paper retrains the last layer with a linear SVM for its table (it reports that this leaves the target
+    accuracy "approximately the same"); we report the network's own softmax predictions.
+  * `--source-val N` holds out N source training images for the source-validation signal; by default (0) the
+    signal is computed on the source test split (labelled *source* data only: target labels are never used).
+
+Commands and numbers: see RESULTS.md (the exact command of every row) and the README.
+    python dann.py --task mnist-mnistm                    # DANN
+    python dann.py --task mnist-mnistm --lambda-max 0     # source only
+    python dann.py --task mnist-mnistm --oracle           # train on target (upper bound)
+"""
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (TASKS, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
+                    atomic_write_json, autocast, build_backbone, cli, count_params, default_data_dir, finish, load_task,
+                    make_run_dir, setup_torch, to_float, versions)
+
+# per-task paper defaults: backbone, domain-classifier hidden sizes, learning-rate schedule
+TASK_DEFAULTS = {
+    "mnist-mnistm": ("dann_mnist", (100,), "anneal"),
+    "svhn-mnist": ("dann_svhn", (1024, 1024), "constant"),
+    "mnist-svhn": ("dann_svhn", (1024, 1024), "constant"),
+    "syndigits-svhn": ("dann_svhn", (1024, 1024), "anneal"),
+    "mnist-usps": ("lenet", (1024, 1024), "anneal"),
+    "usps-mnist": ("lenet", (1024, 1024), "anneal"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--task", default="mnist-mnistm", help=f"source-target pair: {', '.join(TASKS)}")
+    g.add_argument("--seed", type=int, default=0, help="random seed (weights, batches, labelled-target subset)")
+    g.add_argument("--steps", type=int, default=20000, help="training steps; p = step/steps drives both schedules")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    g.add_argument("--out", default="runs", help="parent folder of the run folder")
+    g.add_argument("--log-every", type=int, default=500, help="progress line + metrics.jsonl record every N steps")
+    g.add_argument("--eval-every", type=int, default=2000, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--no-save-model", action="store_true", help="do not write model.pt")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
+    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
+    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
+    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    g = p.add_argument_group("method (defaults: the paper's digit setting)")
+    g.add_argument("--backbone", default="auto", help="auto (per task, see docstring), lenet, dtn, dann_mnist, dann_svhn")
+    g.add_argument("--batch-size", type=int, default=128, help="images per step: half source, half target")
+    g.add_argument("--lr", type=float, default=0.01, help="mu_0 of the annealing mu_p = mu_0 / (1 + alpha p)^beta")
+    g.add_argument("--lr-alpha", type=float, default=10.0, help="alpha of the learning-rate annealing")
+    g.add_argument("--lr-beta", type=float, default=0.75, help="beta of the learning-rate annealing")
+    g.add_argument("--lr-schedule", default="auto", choices=["auto", "anneal", "constant"],
+                   help="auto: anneal, but constant for MNIST<->SVHN as in the paper")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (the paper states none)")
+    g.add_argument("--gamma", type=float, default=10.0, help="gamma of lambda_p = 2/(1+exp(-gamma p)) - 1 (eq. 14)")
+    g.add_argument("--lambda-max", type=float, default=1.0, help="lambda_p is scaled by this; 0 = source-only baseline")
+    g.add_argument("--domain-hidden", default="auto", help="domain classifier hidden sizes, e.g. 1024,1024 (auto: per task)")
+    g.add_argument("--oracle", action="store_true", help="train on labelled target train instead (upper bound)")
+    g.add_argument("--target-labels-per-class", type=int, default=0,
+                   help="semi-supervised: add N labelled target train images per class to the label loss (paper: 10)")
+    g.add_argument("--source-val", type=int, default=0,
+                   help="hold out N source train images for the source-validation signal (0: use source test)")
+    return p.parse_args(argv)
+
+
+# ALGO LOGIC: the method's own pieces
+class GradReverse(torch.autograd.Function):
+    """R_lambda: identity forward (eq. 7), gradient multiplied by -lambda backward (eq. 8)."""
+
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.lam * grad, None
+
+
+def domain_classifier(in_dim, hidden):
+    """G_d: x -> hidden... -> 2 with ReLUs (Sec. 4: x -> 1024 -> 1024 -> 2, or x -> 100 -> 2 for MNIST)."""
+    layers, d = [], in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    return nn.Sequential(*layers, nn.Linear(d, 2))
+
+
+def adaptation_factor(p, gamma):
+    """lambda_p = 2 / (1 + exp(-gamma p)) - 1 (eq. 14): 0 at p = 0, -> 1 as p -> 1."""
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+
+def learning_rate(p, lr0, alpha, beta):
+    """mu_p = mu_0 / (1 + alpha p)^beta."""
+    return lr0 / (1.0 + alpha * p) ** beta
+
+
+def main(args):
+    t_start = time.time()
+    # ---- checks that need no data ------------------------------------------------------------------------------
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+    if args.steps < 1 or args.batch_size < 2 or args.batch_size % 2:
+        raise UsageError("--steps must be >= 1 and --batch-size an even number >= 2 (half source, half target)")
+    if args.lambda_max < 0:
+        raise UsageError("--lambda-max must be >= 0 (0 is the source-only baseline)")
+    if args.oracle and args.target_labels_per_class:
+        raise UsageError("--oracle already trains on all target labels; drop --target-labels-per-class")
+    if args.target_labels_per_class < 0 or args.source_val < 0:
+        raise UsageError("--target-labels-per-class and --source-val must be >= 0")
+    backbone_name, hidden, schedule = TASK_DEFAULTS[args.task]
+    backbone_name = backbone_name if args.backbone == "auto" else args.backbone
+    if args.domain_hidden != "auto":
+        try:
+            hidden = tuple(int(h) for h in args.domain_hidden.split(",") if h.strip())
+        except ValueError:
+            raise UsageError(f"--domain-hidden '{args.domain_hidden}' is not a comma-separated list of sizes")
+    schedule = schedule if args.lr_schedule == "auto" else args.lr_schedule
+    variant = ("oracle" if args.oracle else "source-only" if args.lambda_max == 0 else
+               f"semi-supervised-{args.target_labels_per_class}" if args.target_labels_per_class else "dann")
+    adapt = variant in ("dann",) or variant.startswith("semi")
+
+    # TRY NOT TO MODIFY: seeding, device
+    device = setup_torch(args)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ---- data: uint8 tensors on the device ---------------------------------------------------------------------
+    model = build_backbone(backbone_name)
+    src, tgt = load_task(args.task, model.size, model.in_channels, device, args.data_dir, args.cache_dir,
+                         download=not args.no_download)
+    # labelled pool (x, y, domain label): source train, or target train for the oracle
+    pool_x, pool_y = (tgt.train_x, tgt.train_y) if args.oracle else (src.train_x, src.train_y)
+    val_x, val_y = src.test_x, src.test_y
+    if args.source_val:
+        if args.source_val >= len(pool_x) or args.oracle:
+            raise UsageError(f"--source-val {args.source_val} needs a non-oracle run and fewer than {len(pool_x)} images")
+        perm = torch.randperm(len(pool_x), device=device, generator=g)
+        val_x, val_y = pool_x[perm[:args.source_val]], pool_y[perm[:args.source_val]]
+        pool_x, pool_y = pool_x[perm[args.source_val:]], pool_y[perm[args.source_val:]]
+    pool_d = torch.zeros(len(pool_x), dtype=torch.long, device=device)
+    if args.target_labels_per_class:  # the semi-supervised setting: a few labelled target images join the pool
+        counts = torch.bincount(tgt.train_y, minlength=10)
+        if counts.min().item() < args.target_labels_per_class:
+            raise UsageError(f"--target-labels-per-class {args.target_labels_per_class} exceeds the smallest target "
+                             f"class ({counts.min().item()} images)")
+        perm = torch.randperm(len(tgt.train_y), device=device, generator=g)
+        chosen = torch.cat([perm[tgt.train_y[perm] == c][:args.target_labels_per_class] for c in range(10)])
+        pool_x, pool_y = torch.cat([pool_x, tgt.train_x[chosen]]), torch.cat([pool_y, tgt.train_y[chosen]])
+        pool_d = torch.cat([pool_d, torch.ones(len(chosen), dtype=torch.long, device=device)])
+    half = args.batch_size // 2
+    labelled = IndexSampler(len(pool_x), half, device, g)
+    unlabelled = IndexSampler(len(tgt.train_x), half, device, g)
+
+    # ---- models and optimiser ----------------------------------------------------------------------------------
+    model = model.to(device)
+    disc = domain_classifier(model.feature_dim, hidden).to(device)
+    params = list(model.parameters()) + (list(disc.parameters()) if adapt else [])
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    features, classifier, disc_fn = model.features, model.classifier, disc
+    if args.compile:
+        features, classifier, disc_fn = torch.compile(features), torch.compile(classifier), torch.compile(disc)
+
+    def domain_error(n=2000):
+        """Domain-classifier error on held-out source images vs target test images (no labels used)."""
+        with torch.inference_mode():
+            model.eval(), disc.eval()
+            xs, xt = val_x[:n], tgt.test_x[:n]
+            ps = torch.cat([disc(model.features(to_float(c))).argmax(1) for c in xs.split(args.eval_batch_size)])
+            pt = torch.cat([disc(model.features(to_float(c))).argmax(1) for c in xt.split(args.eval_batch_size)])
+            model.train(), disc.train()
+            return ((ps != 0).float().sum() + (pt != 1).float().sum()).item() / (len(ps) + len(pt)) * 100
+
+    def evaluate(step):
+        rec = {"step": step, "source_val_err": 100 - accuracy(model, val_x, val_y, args.eval_batch_size, args.amp),
+               "target_test_acc_curve":
+                   accuracy(model, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)}
+        if adapt:
+            rec["domain_err"] = domain_error()
+        return rec
+
+    run_dir = make_run_dir(args.out, "dann", args.task, args.seed)
+    resolved = dict(vars(args), backbone=backbone_name, domain_hidden=list(hidden), lr_schedule=schedule, variant=variant,
+                    source=src.name, target=tgt.name)
+    atomic_write_json(resolved, run_dir / "args.json")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    print(f"dann {args.task} ({variant}) | {src} -> {tgt} | {backbone_name} {count_params(model):,} params, "
+          f"domain classifier {list(hidden)} | {device} | run folder {run_dir}", flush=True)
+
+    # ---- training: one flat loop -------------------------------------------------------------------------------
+    d_labels = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(half, dtype=torch.long)]).to(device)
+    sums = torch.zeros(3, device=device)  # running sums of L_y, L_d, domain accuracy: read only when logging
+    progress, train_time, t_loop, n_window = Progress(args.steps), 0.0, time.time(), 0
+    for step in range(args.steps):
+        # ALGO LOGIC
+        p = step / args.steps
+        lam = args.lambda_max * adaptation_factor(p, args.gamma)
+        lr = learning_rate(p, args.lr, args.lr_alpha, args.lr_beta) if schedule == "anneal" else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = labelled.next()
+        xs, ys = to_float(pool_x[idx]), pool_y[idx]
+        with autocast(device, args.amp):
+            if adapt:
+                x = torch.cat([xs, to_float(tgt.train_x[unlabelled.next()])])
+                f = features(x)
+                loss_y = F.cross_entropy(classifier(f[:half]), ys)  # L_y on labelled images only
+                d_logits = disc_fn(GradReverse.apply(f, lam))  # G_d(R_lambda(G_f(x)))
+                dl = torch.cat([pool_d[idx], d_labels[half:]])  # labelled target images (semi-sup.) are domain 1
+                loss_d = F.cross_entropy(d_logits, dl)
+                loss = loss_y + loss_d  # eq. 9 through the GRL: G_f receives grad(L_y) - lambda grad(L_d)
+            else:  # source-only / oracle: the paper's baselines have no domain branch
+                loss_y = F.cross_entropy(classifier(features(xs)), ys)
+                loss_d, loss = torch.zeros((), device=device), loss_y
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+        # TRY NOT TO MODIFY: logging and periodic evaluation (host syncs happen only here)
+        d_acc = (d_logits.argmax(1) == dl).float().mean() if adapt else torch.zeros((), device=device)
+        sums += torch.stack([loss_y.detach().float(), loss_d.detach().float(), d_acc])
+        n_window += 1
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            train_time += time.time() - t_loop
+            ly, ld, da = (sums / n_window).tolist()
+            print(progress.line(done, train_time, loss_y=ly, loss_d=ld, dom_acc=da, lam=lam, lr=lr), flush=True)
+            log.write(step=done, loss_y=ly, loss_d=ld, domain_acc_train=da, lam=lam, lr=lr,
+                      steps_per_sec=done / max(train_time, 1e-9))
+            sums.zero_()
+            n_window = 0
+            t_loop = time.time()
+        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            train_time += time.time() - t_loop
+            rec = evaluate(done)
+            log.write(**rec)
+            print("  eval | " + " ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "step"), flush=True)
+            t_loop = time.time()
+
+    # ---- final evaluation of the final model (no checkpoint selection) ------------------------------------------
+    final = evaluate(args.steps)
+    log.write(**final)
+    log.close()
+    target_acc = accuracy(model, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)
+    source_acc = accuracy(model, src.test_x, src.test_y, args.eval_batch_size, args.amp)
+    if not args.no_save_model:
+        atomic_torch_save({"backbone": backbone_name, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
+                           "args": resolved}, run_dir / "model.pt")
+    finish(run_dir, {
+        "method": "dann", "task": args.task, "variant": variant, "seed": args.seed, "steps": args.steps,
+        "backbone": backbone_name, "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
+        "source_val_err": round(final["source_val_err"], 3), "domain_err": round(final.get("domain_err", float("nan")), 3)
+        if adapt else None, "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
+        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
+        "versions": versions()})
+
+
+if __name__ == "__main__":
+    cli(main, parse_args)
