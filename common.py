@@ -124,20 +124,39 @@ def _read_mnist(root, split, download, cache_dir):
         ds = MNIST(root, train=split == "train", download=True)  # md5-checked, extracted, nothing fetched
     elif download:
         if not _writable(root):
-            raise DataError(f"MNIST is not in {raw} and {root} is not writable; pass --data-dir to a writable folder")
-        ds = MNIST(root, train=split == "train", download=True)
+            raise DataError(f"MNIST is not in {raw} and {root} is read-only; pass --data-dir to a writable folder")
+        try:
+            MNIST(root, train=split == "train", download=True)
+        except Exception as e:
+            raise DataError(f"could not download MNIST ({type(e).__name__}: {e}); put the four idx .gz files in {raw}")
+        ds = MNIST(root, train=split == "train", download=False)
     else:
         raise DataError(f"MNIST not found in {raw}; drop --no-download to fetch it, or put the four idx .gz files there")
     return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
 
 
+def _fetch(url, root, fname, md5, what):
+    """Download url to root/fname (md5-checked, as torchvision does); a clear DataError when that is impossible."""
+    from torchvision.datasets.utils import download_url
+
+    if not _writable(root):
+        raise DataError(f"{what} is not in {root} and that folder is read-only: pass --data-dir to a writable folder, "
+                        f"or put {fname} there by hand")
+    try:
+        download_url(url, str(root), fname, md5=md5)
+    except Exception as e:  # network errors come in many types
+        raise DataError(f"could not download {what} from {url} ({type(e).__name__}: {e}); put {fname} in {root} by hand")
+
+
 def _read_usps(root, split, download):
     from torchvision.datasets import USPS
 
-    fname = USPS.split_list[split][1]
-    if not (Path(root) / fname).exists() and not download:
-        raise DataError(f"USPS not found: {Path(root) / fname}; drop --no-download to fetch it (LIBSVM usps.bz2/usps.t.bz2)")
-    ds = USPS(root, train=split == "train", download=download)
+    url, fname, md5 = USPS.split_list[split]
+    if not (Path(root) / fname).exists():
+        if not download:
+            raise DataError(f"USPS not found: {Path(root) / fname}; drop --no-download to fetch it from {url}")
+        _fetch(url, root, fname, md5, f"USPS {split}")
+    ds = USPS(root, train=split == "train", download=False)
     return torch.from_numpy(ds.data).unsqueeze(1).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
 
 
@@ -162,12 +181,7 @@ def _read_svhn(root, split, download):
     if not path.exists():
         if not download:
             raise DataError(f"SVHN not found: {path}; drop --no-download to fetch it from {url}")
-        from torchvision.datasets.utils import download_url
-
-        try:
-            download_url(url, str(root), fname, md5=md5)
-        except Exception as e:  # network errors come in many types
-            raise DataError(f"could not download SVHN {split} from {url} ({e}); put {fname} in {root} by hand")
+        _fetch(url, root, fname, md5, f"SVHN {split}")
     elif md5sum(path) != md5:
         _warn(f"{path} does not have the official SVHN md5 {md5}; reading it anyway")
     return _read_digit_mat(path)

@@ -308,6 +308,18 @@ def test_missing_and_corrupt_files_raise_clear_errors(tmp_path):
         common.load_task("mnist-cifar", 28, 1, "cpu")
 
 
+def test_download_into_a_read_only_root_is_refused_before_any_network(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        for name in ("usps", "svhn"):
+            with pytest.raises(common.DataError, match="read-only"):
+                common.load_split(name, "test", 28, 1, data_dir=ro, cache_dir=tmp_path / "c", download=True)
+    finally:
+        ro.chmod(0o755)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # smoke runs of the scripts, as subprocesses, on the fixture data
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,12 +463,14 @@ def test_real_data_is_read_without_writing_into_the_data_root(tmp_path):
 
 @needs_real
 def test_real_dann_mnist_usps_short_run_beats_threshold(tmp_path):
-    """600 steps of the default DANN schedule compressed into --steps 600 (batch 64+64, LeNet): calibrated on this
-    machine at 83-88% USPS test accuracy over seeds; the threshold leaves a margin for seed and platform noise."""
-    env = dict(os.environ, UDA_DATA_DIR=str(REAL), UDA_CACHE_DIR=str(Path.home() / ".cache" / "uda-digits"))
+    """The default DANN recipe (LeNet, batch 64+64, both schedules) compressed into --steps 1500 (about 40 s on 2
+    CPU cores). Calibrated on this machine over seeds 0, 1, 2: USPS test 78.8 / 80.7 / 80.4, MNIST test
+    97.6 / 97.5 / 97.7. The thresholds leave a margin for platform noise; a broken GRL, schedule or loader falls
+    well below them (an untrained LeNet is at ~10%, and source-only at this length is not what is tested)."""
+    env = dict(os.environ, UDA_DATA_DIR=str(REAL))
     out = tmp_path / "runs"
-    res = run_script(["dann.py", "--task", "mnist-usps", "--steps", "600", "--eval-every", "0", "--log-every", "200",
+    res = run_script(["dann.py", "--task", "mnist-usps", "--steps", "1500", "--eval-every", "0", "--log-every", "500",
                       "--no-download", "--out", str(out)], env, HERE)
-    summary, _ = check_run(res, out, "mnist-usps", 600)
-    assert summary["source_acc"] >= 95.0
-    assert summary["target_acc"] >= 70.0
+    summary, _ = check_run(res, out, "mnist-usps", 1500)
+    assert summary["source_acc"] >= 96.0
+    assert summary["target_acc"] >= 72.0
