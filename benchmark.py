@@ -133,7 +133,8 @@ def render(store, path):
         out += ["## Training-loop overhead", "",
                 "Steps/s of the full script's training loop (sampling by index on the device, normalisation, schedules,",
                 "logging) against a bare forward+backward+SGD step of the same networks on the same batch shapes with",
-                "pre-made random tensors, in one process, same threads.", "",
+                "pre-made random tensors, in one process, same threads, alternating, medians of the repeats. The ratio",
+                "is bare steps/s over script steps/s: the script's time per step relative to the bare networks'.", "",
                 "| task | backbone | threads | steps | script steps/s | bare steps/s | overhead ratio |", "|---|---|---|---|---|---|---|"]
         for o in store["overhead"].values():
             out.append(f"| {o['task']} | {o['backbone']} | {o['threads']} | {o['steps']} | {o['script']:.2f} | "
@@ -153,8 +154,13 @@ def save_store(store, path):
     os.replace(tmp, path)
 
 
-def overhead(task, steps, threads):
-    """Steps/s of dann.main's loop vs. a bare forward+backward of the same networks, in this one process."""
+def overhead(task, steps, threads, reps=3):
+    """Steps/s of dann.main's training loop vs. a bare forward+backward+SGD step of the same networks on the same
+    batch shapes (pre-made random tensors), in this one process, same threads; the two alternate `reps` times and
+    the medians are compared."""
+    import contextlib
+    import io
+
     import torch
     import torch.nn.functional as F
 
@@ -165,38 +171,38 @@ def overhead(task, steps, threads):
     torch.set_num_threads(threads)
     args = dann.parse_args(["--task", task, "--steps", str(steps), "--eval-every", "0", "--no-save-model",
                             "--log-every", str(steps), "--out", "runs/overhead", "--threads", str(threads)])
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        dann.main(args)
-    script = json.loads(buf.getvalue().strip().splitlines()[-1])["train_steps_per_sec"]
-
-    backbone, hidden, _ = dann.TASK_DEFAULTS[task]
+    defaults = dann.TASK_DEFAULTS[task]
     torch.manual_seed(0)
-    model = common.build_backbone(backbone)
-    disc = dann.domain_classifier(model.feature_dim, hidden)
+    model = common.build_backbone(defaults["backbone"])
+    disc = dann.domain_classifier(model.feature_dim, defaults["domain_hidden"])
     opt = torch.optim.SGD(list(model.parameters()) + list(disc.parameters()), lr=0.01, momentum=0.9)
     half = args.batch_size // 2
-    x = torch.randn(2 * half, model.in_channels, model.size, model.size)
+    x = torch.rand(2 * half, model.in_channels, model.size, model.size) * 2 - 1
     y, d = torch.randint(0, 10, (half,)), torch.cat([torch.zeros(half), torch.ones(half)]).long()
 
-    def step():
+    def bare_step():
         f = model.features(x)
-        loss = F.cross_entropy(model.classifier(f[:half]), y) + F.cross_entropy(disc(dann.GradReverse.apply(f, 0.5)), d)
+        loss = (F.cross_entropy(model.classifier(f[:half]), y) +
+                F.cross_entropy(disc(dann.GradReverse.apply(f, 0.5)), d))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(20):
-        step()
-    t0 = time.time()
-    for _ in range(steps):
-        step()
-    bare = steps / (time.time() - t0)
-    return {"task": task, "backbone": backbone, "threads": threads, "steps": steps, "script": script, "bare": bare,
-            "ratio": bare / script}
+    for _ in range(20):  # warm-up, as the script's own first steps are
+        bare_step()
+    script, bare = [], []
+    for _ in range(reps):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            dann.main(args)
+        script.append(json.loads(buf.getvalue().strip().splitlines()[-1])["train_steps_per_sec"])
+        t0 = time.time()
+        for _ in range(steps):
+            bare_step()
+        bare.append(steps / (time.time() - t0))
+    s, b = statistics.median(script), statistics.median(bare)
+    return {"task": task, "backbone": defaults["backbone"], "threads": threads, "steps": steps, "reps": reps,
+            "script": s, "bare": b, "ratio": b / s, "script_all": script, "bare_all": bare}
 
 
 def main():
@@ -225,9 +231,10 @@ def main():
     for (m, t), rs in groups.items():
         rs.sort(key=lambda r: r["seed"])
         flags = " ".join(shlex.quote(e) for e in args.extra)
-        seeds = "{" + ",".join(str(r["seed"]) for r in rs) + "}"
-        cmd = f"python {m}.py --task {t} --seed {seeds}" + (f" --threads {threads}" if "--threads" not in args.extra else "")
-        cmd += f" {flags}" if flags else ""
+        seeds = " ".join(str(r["seed"]) for r in rs)
+        cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
+        cmd += f" --threads {threads}" if "--threads" not in args.extra else ""
+        cmd += (f" {flags}" if flags else "") + "; done"
         key = f"{m}|{t}|{flags}"
         store["rows"][key] = {
             "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": flags, "steps": rs[0]["steps"],

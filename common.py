@@ -37,6 +37,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------
 
 DATA_ENV, CACHE_ENV = "UDA_DATA_DIR", "UDA_CACHE_DIR"
+CACHE_VERSION = 1  # bump when decoding or resizing changes, so old cache files are not used
 
 # task name -> (source dataset, target dataset)
 TASKS = {
@@ -100,8 +101,8 @@ def _warn(msg):
 
 
 def _read_mnist(root, split, download, cache_dir):
-    """torchvision.datasets.MNIST. If the raw folder only has the .gz archives, torchvision's extraction runs in a
-    shadow folder in the cache (links to the archives), never in the data root, which may be shared or read-only."""
+    """torchvision.datasets.MNIST. If the raw folder only has the .gz archives, torchvision extracts them in a private
+    temporary folder in the cache (links to the archives), never in the data root, which may be shared or read-only."""
     from torchvision.datasets import MNIST
 
     raw = Path(root) / "MNIST" / "raw"
@@ -112,16 +113,14 @@ def _read_mnist(root, split, download, cache_dir):
         for f, md5 in MNIST.resources:
             if md5sum(raw / f) != md5:
                 raise DataError(f"{raw / f} is corrupt (md5 is not {md5}): delete it and fetch it again")
-        tag = hashlib.sha1(str(raw.resolve()).encode()).hexdigest()[:8]
-        shadow = Path(cache_dir) / f"mnist_root-{tag}" / "MNIST" / "raw"
-        shadow.mkdir(parents=True, exist_ok=True)
-        for f, _ in MNIST.resources:
-            link = shadow / f
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to((raw / f).resolve())
-        root = shadow.parent.parent
-        ds = MNIST(root, train=split == "train", download=True)  # md5-checked, extracted, nothing fetched
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix="mnist-extract-") as tmp:  # private: parallel runs
+            shadow = Path(tmp) / "MNIST" / "raw"
+            shadow.mkdir(parents=True)
+            for f, _ in MNIST.resources:
+                (shadow / f).symlink_to((raw / f).resolve())
+            ds = MNIST(tmp, train=split == "train", download=True)  # md5-checked, extracted, nothing fetched
+            return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
     elif download:
         if not _writable(root):
             raise DataError(f"MNIST is not in {raw} and {root} is read-only; pass --data-dir to a writable folder")
@@ -266,14 +265,14 @@ def _read_mnistm(root, split, download, cache_dir):
     return _mnistm_decode(pngs, text)
 
 
-def _source_files(name, root, split):
+def _source_files(name, root, split, cache):
     """Files whose identity (path, size, mtime) keys the cache."""
     r = Path(root)
     cands = {
         "mnist": [r / "MNIST" / "raw"],
         "usps": [r / ("usps.bz2" if split == "train" else "usps.t.bz2")],
         "svhn": [r / SVHN_FILES[split][1]],
-        "mnistm": [r / "mnist_m" / f"mnist_m_{split}_labels.txt", r / MNISTM_ARCHIVE],
+        "mnistm": [r / "mnist_m" / f"mnist_m_{split}_labels.txt", r / MNISTM_ARCHIVE, Path(cache) / MNISTM_ARCHIVE],
         "syndigits": [r / SYNDIGITS_FILES[split]],
     }[name]
     out = []
@@ -287,10 +286,11 @@ def _source_files(name, root, split):
 
 def _cache_path(name, split, size, channels, root, cache):
     """Cache file keyed by the source files' identity (path, size, mtime) and the conversion; None if no files."""
-    ident = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _source_files(name, root, split)]
+    files = _source_files(name, root, split, cache)
+    ident = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     if not ident:
         return None
-    key = hashlib.sha1(json.dumps([name, split, size, channels, ident]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, name, split, size, channels, ident]).encode()).hexdigest()[:16]
     return cache / f"{name}-{split}-{channels}x{size}-{key}.pt"
 
 
@@ -318,8 +318,11 @@ def load_split(name, split, size, channels, data_dir=None, cache_dir=None, downl
     cache = Path(cache_dir or default_cache_dir()).expanduser()
     cached = _cache_path(name, split, size, channels, root, cache)
     if cached is not None and cached.exists():
-        d = torch.load(cached)
-        return d["x"], d["y"]
+        try:
+            d = torch.load(cached)
+            return d["x"], d["y"]
+        except Exception:  # a damaged cache file is decoded again
+            _warn(f"cache file {cached} is unreadable; decoding the dataset again")
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
@@ -386,6 +389,12 @@ class IndexSampler:
     def _new_perm(self):
         return torch.randperm(self.n, device=self.device, generator=self.g)
 
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next()
+
     def next(self):
         parts, need = [], self.batch_size
         while need > 0:
@@ -398,9 +407,14 @@ class IndexSampler:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def to_float(x_uint8):
-    """uint8 [0, 255] -> float [-1, 1] (mean 0.5 / std 0.5, as most digit UDA code)."""
-    return x_uint8.float().mul_(2.0 / 255.0).sub_(1.0)
+INPUT_RANGES = ("-1,1", "0,1")
+
+
+def to_float(x_uint8, input_range="-1,1"):
+    """uint8 [0, 255] -> float in [-1, 1] (default: mean 0.5 / std 0.5, as most digit UDA code) or [0, 1]."""
+    if input_range == "-1,1":
+        return x_uint8.float().mul_(2.0 / 255.0).sub_(1.0)
+    return x_uint8.float().mul_(1.0 / 255.0)
 
 
 def random_affine(x, max_translate=0.1, max_rotate_deg=10.0, generator=None):
@@ -554,21 +568,21 @@ def autocast(device, enabled):
 
 
 @torch.inference_mode()
-def predict(model, x_uint8, batch_size=4096, amp=False):
+def predict(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
     """Predicted labels for uint8 images, in big batches, with the model in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
     preds = []
     with autocast(x_uint8.device, amp):
         for chunk in x_uint8.split(batch_size):
-            preds.append(model(to_float(chunk)).argmax(1))
+            preds.append(model(to_float(chunk, input_range)).argmax(1))
     model.train(was_training)
     return torch.cat(preds)
 
 
-def accuracy(model, x_uint8, y, batch_size=4096, amp=False):
+def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
     """Top-1 accuracy in percent (a Python float: one host sync)."""
-    return (predict(model, x_uint8, batch_size, amp) == y).float().mean().item() * 100.0
+    return (predict(model, x_uint8, batch_size, amp, input_range) == y).float().mean().item() * 100.0
 
 
 def make_run_dir(out, method, task, seed):
@@ -640,12 +654,3 @@ def finish(run_dir, summary):
     """Write summary.json atomically and print it as the last stdout line."""
     atomic_write_json(summary, Path(run_dir) / "summary.json")
     print(json.dumps(summary), flush=True)
-
-
-def cli(main, parse_args):
-    """Run main(parse_args()); a DataError or UsageError becomes one 'error: ...' line on stderr and exit code 2."""
-    try:
-        main(parse_args())
-    except (DataError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)

@@ -13,7 +13,9 @@ Implemented:
   * domain classifier x -> 1024 -> 1024 -> 2, and x -> 100 -> 2 for the MNIST network (Sec. 4, "CNN architectures");
   * no learning-rate annealing on MNIST <-> SVHN, as the paper says for that pair (Sec. 4.1);
   * baselines in this file: `--lambda-max 0` is the paper's source-only model (no domain branch at all),
-    `--oracle` is its train-on-target upper bound, `--target-labels-per-class 10` its semi-supervised setting;
+    `--oracle` is its train-on-target upper bound, `--target-labels-per-class 10` its semi-supervised setting
+    (the labelled target images join the labelled pool, and the domain classifier still calls them target).
+    The baselines draw the same 64 labelled images per step as DANN and use the same optimiser and schedule;
   * the paper's unsupervised model-selection signals (Sec. 4, "Choosing meta-parameters"): source validation
     error and domain-classifier error, logged to metrics.jsonl at every evaluation.
 
@@ -27,9 +29,10 @@ the ADDA/CyCADA `lenet` (28x28 gray) that the later literature uses for that pai
 schedules and x -> 1024 -> 1024 -> 2 domain classifier.
 
 Deviations from the paper, each a flag:
-  * Preprocessing: images are scaled to [-1, 1] instead of per-dataset mean subtraction (one convention for all
-    scripts; a constant shift that SGD absorbs in the first-layer biases).
-  * `--steps` (default 20000): the paper does not state its number of iterations; p = step / steps.
+  * Preprocessing: images are scaled to [-1, 1] (`--input-range`) instead of per-dataset mean subtraction (one
+    convention for all scripts; a near-constant shift that the first-layer biases absorb).
+  * `--steps` (default 20000): the paper does not state its number of iterations. p = step / steps is the
+    fraction of training done before each step (0 at the first, 1 - 1/steps at the last).
   * The paper retrains the last layer with a linear SVM for its table (it reports that this leaves the target
     accuracy "approximately the same"); we report the network's own softmax predictions.
   * `--source-val N` holds out N source training images for the source-validation signal; by default (0) the
@@ -43,24 +46,25 @@ Commands and numbers: see RESULTS.md (the exact command of every row) and the RE
 
 import argparse
 import math
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (TASKS, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
-                    atomic_write_json, autocast, build_backbone, cli, count_params, default_data_dir, finish, load_task,
-                    make_run_dir, setup_torch, to_float, versions)
+from common import (INPUT_RANGES, TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy,
+                    atomic_torch_save, atomic_write_json, autocast, build_backbone, count_params, default_data_dir,
+                    finish, load_task, make_run_dir, predict, setup_torch, to_float, versions)
 
-# per-task paper defaults: backbone, domain-classifier hidden sizes, learning-rate schedule
+# per-task paper defaults (see the docstring): backbone, domain-classifier hidden sizes, learning-rate schedule
 TASK_DEFAULTS = {
-    "mnist-mnistm": ("dann_mnist", (100,), "anneal"),
-    "svhn-mnist": ("dann_svhn", (1024, 1024), "constant"),
-    "mnist-svhn": ("dann_svhn", (1024, 1024), "constant"),
-    "syndigits-svhn": ("dann_svhn", (1024, 1024), "anneal"),
-    "mnist-usps": ("lenet", (1024, 1024), "anneal"),
-    "usps-mnist": ("lenet", (1024, 1024), "anneal"),
+    "mnist-mnistm": dict(backbone="dann_mnist", domain_hidden=(100,), lr_schedule="anneal"),
+    "svhn-mnist": dict(backbone="dann_svhn", domain_hidden=(1024, 1024), lr_schedule="constant"),
+    "mnist-svhn": dict(backbone="dann_svhn", domain_hidden=(1024, 1024), lr_schedule="constant"),
+    "syndigits-svhn": dict(backbone="dann_svhn", domain_hidden=(1024, 1024), lr_schedule="anneal"),
+    "mnist-usps": dict(backbone="lenet", domain_hidden=(1024, 1024), lr_schedule="anneal"),
+    "usps-mnist": dict(backbone="lenet", domain_hidden=(1024, 1024), lr_schedule="anneal"),
 }
 
 
@@ -84,6 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
     g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
     g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    g.add_argument("--input-range", default="-1,1", choices=INPUT_RANGES, help="pixel range the networks see")
     g = p.add_argument_group("method (defaults: the paper's digit setting)")
     g.add_argument("--backbone", default="auto", help="auto (per task, see docstring), lenet, dtn, dann_mnist, dann_svhn")
     g.add_argument("--batch-size", type=int, default=128, help="images per step: half source, half target")
@@ -145,23 +150,36 @@ def main(args):
         raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
     if args.steps < 1 or args.batch_size < 2 or args.batch_size % 2:
         raise UsageError("--steps must be >= 1 and --batch-size an even number >= 2 (half source, half target)")
+    if args.log_every < 1 or args.eval_every < 0 or args.threads < 0 or args.eval_batch_size < 1:
+        raise UsageError("--log-every and --eval-batch-size must be >= 1, --eval-every and --threads >= 0")
     if args.lambda_max < 0:
         raise UsageError("--lambda-max must be >= 0 (0 is the source-only baseline)")
-    if args.oracle and args.target_labels_per_class:
-        raise UsageError("--oracle already trains on all target labels; drop --target-labels-per-class")
     if args.target_labels_per_class < 0 or args.source_val < 0:
         raise UsageError("--target-labels-per-class and --source-val must be >= 0")
-    backbone_name, hidden, schedule = TASK_DEFAULTS[args.task]
-    backbone_name = backbone_name if args.backbone == "auto" else args.backbone
+    if args.target_labels_per_class and (args.oracle or args.lambda_max == 0):
+        raise UsageError("--target-labels-per-class is semi-supervised DANN: it goes with neither --oracle (all "
+                         "target labels) nor --lambda-max 0 (source only)")
+    if args.oracle and args.source_val:
+        raise UsageError("--source-val holds out source images; --oracle does not train on the source")
+    defaults = TASK_DEFAULTS[args.task]
+    backbone_name = defaults["backbone"] if args.backbone == "auto" else args.backbone
+    hidden, schedule = defaults["domain_hidden"], defaults["lr_schedule"]
     if args.domain_hidden != "auto":
         try:
             hidden = tuple(int(h) for h in args.domain_hidden.split(",") if h.strip())
         except ValueError:
             raise UsageError(f"--domain-hidden '{args.domain_hidden}' is not a comma-separated list of sizes")
-    schedule = schedule if args.lr_schedule == "auto" else args.lr_schedule
-    variant = ("oracle" if args.oracle else "source-only" if args.lambda_max == 0 else
-               f"semi-supervised-{args.target_labels_per_class}" if args.target_labels_per_class else "dann")
-    adapt = variant in ("dann",) or variant.startswith("semi")
+    if args.lr_schedule != "auto":
+        schedule = args.lr_schedule
+    if args.oracle:
+        variant = "oracle"  # the paper's train-on-target upper bound: no domain branch
+    elif args.lambda_max == 0:
+        variant = "source-only"  # the paper's lower bound: no domain branch
+    elif args.target_labels_per_class:
+        variant = f"semi-supervised-{args.target_labels_per_class}"
+    else:
+        variant = "dann"
+    adapt = variant not in ("oracle", "source-only")  # train the domain classifier through the GRL
 
     # TRY NOT TO MODIFY: seeding, device
     device = setup_torch(args)
@@ -175,8 +193,8 @@ def main(args):
     pool_x, pool_y = (tgt.train_x, tgt.train_y) if args.oracle else (src.train_x, src.train_y)
     val_x, val_y = src.test_x, src.test_y
     if args.source_val:
-        if args.source_val >= len(pool_x) or args.oracle:
-            raise UsageError(f"--source-val {args.source_val} needs a non-oracle run and fewer than {len(pool_x)} images")
+        if args.source_val >= len(pool_x):
+            raise UsageError(f"--source-val {args.source_val} must be smaller than the source train set ({len(pool_x)})")
         perm = torch.randperm(len(pool_x), device=device, generator=g)
         val_x, val_y = pool_x[perm[:args.source_val]], pool_y[perm[:args.source_val]]
         pool_x, pool_y = pool_x[perm[args.source_val:]], pool_y[perm[args.source_val:]]
@@ -203,22 +221,18 @@ def main(args):
     if args.compile:
         features, classifier, disc_fn = torch.compile(features), torch.compile(classifier), torch.compile(disc)
 
-    def domain_error(n=2000):
-        """Domain-classifier error on held-out source images vs target test images (no labels used)."""
-        with torch.inference_mode():
-            model.eval(), disc.eval()
-            xs, xt = val_x[:n], tgt.test_x[:n]
-            ps = torch.cat([disc(model.features(to_float(c))).argmax(1) for c in xs.split(args.eval_batch_size)])
-            pt = torch.cat([disc(model.features(to_float(c))).argmax(1) for c in xt.split(args.eval_batch_size)])
-            model.train(), disc.train()
-            return ((ps != 0).float().sum() + (pt != 1).float().sum()).item() / (len(ps) + len(pt)) * 100
+    domain_net = nn.Sequential(model.features, disc)  # G_d(G_f(x)), the same modules, for evaluation only
 
-    def evaluate(step):
-        rec = {"step": step, "source_val_err": 100 - accuracy(model, val_x, val_y, args.eval_batch_size, args.amp),
-               "target_test_acc_curve":
-                   accuracy(model, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)}
-        if adapt:
-            rec["domain_err"] = domain_error()
+    def evaluate():
+        """Source validation error and domain-classifier error (the paper's unsupervised selection signals), and
+        the target test accuracy (reported for the final model; during training a curve only, never for selection)."""
+        ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
+        rec = {"source_val_err": 100 - accuracy(model, val_x, val_y, **ev),
+               "target_test_acc": accuracy(model, tgt.test_x, tgt.test_y, **ev)}
+        if adapt:  # source images should be called 0 and target images 1; no labels of either are used
+            wrong = ((predict(domain_net, val_x[:2000], **ev) != 0).sum() +
+                     (predict(domain_net, tgt.test_x[:2000], **ev) != 1).sum())
+            rec["domain_err"] = wrong.item() / (len(val_x[:2000]) + len(tgt.test_x[:2000])) * 100
         return rec
 
     run_dir = make_run_dir(args.out, "dann", args.task, args.seed)
@@ -232,7 +246,8 @@ def main(args):
     # ---- training: one flat loop -------------------------------------------------------------------------------
     d_labels = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(half, dtype=torch.long)]).to(device)
     sums = torch.zeros(3, device=device)  # running sums of L_y, L_d, domain accuracy: read only when logging
-    progress, train_time, t_loop, n_window = Progress(args.steps), 0.0, time.time(), 0
+    progress = Progress(args.steps)
+    train_time, t_loop, n_window = 0.0, time.time(), 0  # training seconds (evaluation excluded), window size
     for step in range(args.steps):
         # ALGO LOGIC
         p = step / args.steps
@@ -241,10 +256,10 @@ def main(args):
         for group in opt.param_groups:
             group["lr"] = lr
         idx = labelled.next()
-        xs, ys = to_float(pool_x[idx]), pool_y[idx]
+        xs, ys = to_float(pool_x[idx], args.input_range), pool_y[idx]
         with autocast(device, args.amp):
             if adapt:
-                x = torch.cat([xs, to_float(tgt.train_x[unlabelled.next()])])
+                x = torch.cat([xs, to_float(tgt.train_x[unlabelled.next()], args.input_range)])
                 f = features(x)
                 loss_y = F.cross_entropy(classifier(f[:half]), ys)  # L_y on labelled images only
                 d_logits = disc_fn(GradReverse.apply(f, lam))  # G_d(R_lambda(G_f(x)))
@@ -274,28 +289,32 @@ def main(args):
             t_loop = time.time()
         if args.eval_every and done % args.eval_every == 0 and done != args.steps:
             train_time += time.time() - t_loop
-            rec = evaluate(done)
-            log.write(**rec)
-            print("  eval | " + " ".join(f"{k} {v:.2f}" for k, v in rec.items() if k != "step"), flush=True)
+            rec = evaluate()
+            log.write(step=done, **rec)
+            print("  eval | " + " ".join(f"{k} {v:.2f}" for k, v in rec.items()), flush=True)
             t_loop = time.time()
 
     # ---- final evaluation of the final model (no checkpoint selection) ------------------------------------------
-    final = evaluate(args.steps)
-    log.write(**final)
+    final = evaluate()
+    source_acc = accuracy(model, src.test_x, src.test_y, args.eval_batch_size, args.amp, args.input_range)
+    log.write(step=args.steps, **final, source_test_acc=source_acc)
     log.close()
-    target_acc = accuracy(model, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)
-    source_acc = accuracy(model, src.test_x, src.test_y, args.eval_batch_size, args.amp)
     if not args.no_save_model:
         atomic_torch_save({"backbone": backbone_name, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
                            "args": resolved}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "dann", "task": args.task, "variant": variant, "seed": args.seed, "steps": args.steps,
-        "backbone": backbone_name, "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
-        "source_val_err": round(final["source_val_err"], 3), "domain_err": round(final.get("domain_err", float("nan")), 3)
-        if adapt else None, "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
+        "backbone": backbone_name, "target_acc": round(final["target_test_acc"], 3), "source_acc": round(source_acc, 3),
+        "source_val_err": round(final["source_val_err"], 3),
+        "domain_err": round(final["domain_err"], 3) if adapt else None,
+        "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
         "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
         "versions": versions()})
 
 
 if __name__ == "__main__":
-    cli(main, parse_args)
+    try:
+        main(parse_args())
+    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
