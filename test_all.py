@@ -8,6 +8,7 @@ folders + label files and its .tar.gz), so the real loading code runs. When the 
 """
 
 import bz2
+import copy
 import io
 import json
 import math
@@ -28,6 +29,7 @@ sys.path.insert(0, str(HERE))
 import benchmark  # noqa: E402
 import common  # noqa: E402
 import dann  # noqa: E402
+import gam  # noqa: E402
 
 N_TRAIN, N_TEST = 60, 30
 
@@ -468,6 +470,121 @@ def test_bad_input_fails_with_one_line_and_no_run_folder(flags, needle, env, tmp
     err = res.stderr.strip().splitlines()
     assert err and err[-1].startswith("error: ") and needle in err[-1] and "Traceback" not in res.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gam.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lenet_pair(seed=0):
+    torch.manual_seed(seed)
+    f_s = common.lenet().eval()
+    return f_s, copy.deepcopy(f_s)
+
+
+def _params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def _same(m, snapshot):
+    return all(torch.equal(p, q) for p, q in zip(m.parameters(), snapshot))
+
+
+def test_gam_gaussian_matching_equalises_every_layers_channel_statistics():
+    f_s, f_t = _lenet_pair()
+    g = torch.Generator().manual_seed(0)
+    x_s = torch.randint(0, 120, (500, 1, 28, 28), dtype=torch.uint8, generator=g)
+    x_t = (torch.randint(0, 256, (500, 1, 28, 28), generator=g) // 2 + 100).to(torch.uint8)  # another distribution
+    layers = ["conv1", "conv2", "fc3", "fc4"]
+    stats = lambda net, x, k: gam.channel_stats(gam.layer_outputs(net, x, k, "0,1"))  # noqa: E731
+    assert not torch.allclose(stats(f_t, x_t, "fc3")[0], stats(f_s, x_s, "fc3")[0], atol=1e-2)
+    matched = gam.gaussian_match(f_t, f_s, x_s, x_t, "0,1")
+    assert list(matched) == layers  # from the input upward
+    for k in layers:  # after all layers were matched, each still has the source statistics
+        (mu_s, sd_s), (mu_t, sd_t) = stats(f_s, x_s, k), stats(f_t, x_t, k)
+        assert torch.allclose(mu_t, mu_s, atol=1e-3, rtol=1e-3), k
+        assert torch.allclose(sd_t, sd_s, atol=1e-3, rtol=1e-3), k
+
+
+def test_gam_weight_drift_is_zero_at_init_and_has_the_right_gradient():
+    f_s, f_t = _lenet_pair()
+    ref = _params(f_s)
+    assert gam.weight_drift(f_t, ref).item() == 0.0
+    with torch.no_grad():
+        for p in f_t.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    gam.weight_drift(f_t, ref).backward()
+    for p, r in zip(f_t.parameters(), ref):  # d/dW mean((W - R)^2) = 2 (W - R) / numel
+        assert torch.allclose(p.grad, 2 * (p.detach() - r) / p.numel(), atol=1e-10)
+
+
+def test_gam_each_step_updates_only_its_own_network_and_never_the_source():
+    f_s, f_t = _lenet_pair()
+    f_s.requires_grad_(False)
+    discs = nn.ModuleDict({"relu3": gam.discriminator(500), "fc4": gam.discriminator(10)})
+    opt_d = gam.make_optimizer(discs.parameters(), "adam", 1e-3)
+    opt_t = gam.make_optimizer(f_t.parameters(), "sgd", 1e-2)
+    s0, t0, d0 = _params(f_s), _params(f_t), _params(discs)
+    with torch.no_grad():
+        a_s = f_s.activations(torch.rand(16, 1, 28, 28))
+    a_t = f_t.activations(torch.rand(16, 1, 28, 28) * 0.5)
+    w = {"relu3": 0.1, "fc4": 1.0}
+    gam.discriminator_step(discs, opt_d, a_s, a_t, w)
+    assert _same(f_t, t0) and _same(f_s, s0) and not _same(discs, d0)
+    d1 = _params(discs)
+    gam.target_step(f_t, discs, opt_t, a_t, w, t0, 1.0)
+    assert _same(discs, d1) and _same(f_s, s0) and not _same(f_t, t0)
+
+
+def test_gam_label_subsets_remove_half_of_the_odd_or_even_digits():
+    y = torch.arange(1000) % 10
+    x = torch.zeros(1000, 1, 2, 2)
+    for which, halved in (("odd", {1, 3, 5, 7, 9}), ("even", {0, 2, 4, 6, 8})):
+        _, ys = gam.subset(x, y, which, torch.Generator().manual_seed(0))
+        assert torch.bincount(ys).tolist() == [50 if c in halved else 100 for c in range(10)]
+    assert gam.subset(x, y, "full", None)[1] is y
+
+
+@pytest.mark.parametrize("flags,variant", [([], "gam"), (["--mode", "gaussian"], "gaussian"),
+                                           (["--mode", "source-only"], "source-only"),
+                                           (["--gan-layers", "fc4", "--gan-weights", "1", "--no-gaussian-init",
+                                             "--drift", "0"], "adda"),
+                                           (["--recipe", "paper", "--gan-schedule", "one-at-a-time"], "gam")])
+def test_gam_smoke(flags, variant, env, tmp_path):
+    out = tmp_path / "runs"
+    res = run_script(["gam.py", "--task", "mnist-usps", "--source-steps", "60", "--steps", "20", "--disc-pretrain", "5",
+                      "--batch-size", "16", "--log-every", "10", "--eval-every", "10", "--no-download", "--out", str(out),
+                      *flags], env, HERE)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    run = next(out.iterdir())
+    assert json.loads((run / "summary.json").read_text()) == summary and SUMMARY_KEYS <= set(summary)
+    assert summary["variant"] == variant and summary["no_adaptation"]["source_acc"] >= 80  # stage 1 learned
+    assert (summary["gaussian_only"] is None) == (variant in ("source-only", "adda"))
+    assert (run / "source.pt").exists() and (run / "model.pt").exists()
+    if variant == "source-only":
+        assert summary["target_acc"] == summary["no_adaptation"]["target_acc"]
+    args = json.loads((run / "args.json").read_text())
+    assert args["optimizer"] == ("sgd" if "paper" in flags else "adam")
+    # stage 1 can be skipped with the saved F^s
+    res2 = run_script(["gam.py", "--task", "mnist-usps", "--source-ckpt", str(run / "source.pt"), "--mode", "source-only",
+                       "--no-download", "--out", str(tmp_path / "runs2")], env, HERE)
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    again = json.loads(res2.stdout.strip().splitlines()[-1])
+    assert again["source_steps"] == 0 and again["no_adaptation"] == summary["no_adaptation"]
+
+
+def test_gam_bad_flags(env, tmp_path):
+    for flags, needle in ((["--gan-layers", "fc4,relu3", "--gan-weights", "1"], "one weight per layer"),
+                          (["--gan-layers", "fc9", "--gan-weights", "1"], "LeNet layers"),
+                          (["--mode", "gaussian", "--no-gaussian-init"], "--no-gaussian-init"),
+                          (["--source-ckpt", str(tmp_path / "nope.pt")], "--source-ckpt")):
+        res = run_script(["gam.py", "--task", "mnist-usps", "--no-download", "--out", str(tmp_path / "r"), *flags],
+                         env, HERE)
+        assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert needle in res.stderr and "Traceback" not in res.stderr
+        assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,367 @@
+"""GAM: Domain Transfer Through Deep Activation Matching (Huang, Huang, Kraehenbuehl, ECCV 2018).
+
+A source network F^s (ADDA LeNet) is trained on labelled source images and frozen. The target network F^t starts
+as a copy of it and is adapted, without target labels, so that the distribution of its activations on target
+images matches F^s's activations on source images at several layers (eq. 1), while its weights stay close to
+F^s's (the weight-drift regulariser).
+
+Implemented:
+  * Stage 1, source training (skipped with `--source-ckpt`): Adam lr 1e-3, batch 128, 10k steps (official code).
+  * Gaussian i.i.d. matching (Sec. 4.1, eq. 2): for every conv/fc layer from the input upward, each output channel k
+    of F^t is scaled and shifted (alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into the layer's
+    weight and bias) so that its target activations have the source activations' mean and std; each layer's target
+    statistics are measured after the layers below it were matched. `--mode gaussian` stops here.
+  * General activation matching (Sec. 4.2, eq. 3): one discriminator per matched layer (ADDA's 500-500-2 MLP with
+    ReLU); standard GAN loss for the discriminators, inverted labels for F^t; weight drift
+    sum over tensors of mean((W^ref - W^t)^2) (official code). Digit defaults: the 500-d hidden layer (weight 0.1)
+    and the logits (weight 1.0); discriminators pre-trained 500 iterations; Gaussian matching as initialisation
+    (the paper: "crucial").
+  * ADDA is the special case `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0`; with `--drift 1`
+    it is Table 1's "ADDA + our regularization"; `--drift 0` alone is "GAM (no regularization)".
+  * Label-distribution mismatch (Table 2): `--source-subset` / `--target-subset {full,odd,even}` remove half of
+    the odd or even digits from a training split (test splits are never changed).
+
+Two recipes (`--recipe`), since the paper and its released code disagree:
+  * `official` (default): Adam lr 2e-4, beta1 0.5, 10k iterations, drift weight 1 (the released digits code, whose
+    README reports 95 / 98 / 74 for M->U / U->M / S->M).
+  * `paper`: SGD lr 1e-4, momentum 0.9, 20k iterations, drift weight 0.5 ("we half the weight regularization").
+  Each of --optimizer, --lr, --steps and --drift overrides its recipe value.
+
+Evaluation protocol: accuracy of the final F^t on the target *test* split (the official scripts evaluated on the
+target *train* split) and on the source test split; never selected on target labels. summary.json also holds
+F^s's target accuracy ("no adaptation") and, with Gaussian initialisation, the Gaussian-only accuracy.
+
+Deviations, each a flag or stated here:
+  * Inputs 28x28 gray in [0, 1] (`--input-range`), as the official code; SVHN is converted to gray and resized.
+  * Our LeNet has dropout (ADDA/CyCADA PyTorch LeNet); it is active in stage 1 only: statistics, activations for
+    matching and evaluation use eval mode (the official TF LeNet has no dropout).
+  * The drift reference is F^t's initialisation (F^s after Gaussian matching), so that the drift term does not pull
+    the Gaussian-matched scales back; `--drift-ref source` uses F^s's weights as in eq. 1.
+  * Adversarial pairing: the discriminators step first, then F^t, every iteration (the official code runs both
+    in one TF call with a shared Adam).
+
+Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0;
+GAM (full) 95.7 +- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M. Measured numbers: RESULTS.md.
+"""
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (INPUT_RANGES, TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy,
+                    atomic_torch_save, atomic_write_json, build_backbone, count_params, default_data_dir, finish,
+                    load_task, make_run_dir, setup_torch, to_float, versions)
+
+RECIPES = {
+    "official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
+    "paper": dict(optimizer="sgd", lr=1e-4, steps=20000, drift=0.5),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--task", default="mnist-usps", help=f"source-target pair: {', '.join(TASKS)}")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--steps", type=int, default=None, help="adaptation iterations (default: the recipe's)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the target network")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    g.add_argument("--out", default="runs", help="parent folder of the run folder")
+    g.add_argument("--log-every", type=int, default=500, help="progress line + metrics.jsonl record every N steps")
+    g.add_argument("--eval-every", type=int, default=2000, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--no-save-model", action="store_true", help="do not write the model files")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
+    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
+    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
+    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    g.add_argument("--input-range", default="0,1", choices=INPUT_RANGES, help="pixel range (official code: [0, 1])")
+    g.add_argument("--source-subset", default="full", choices=["full", "odd", "even"],
+                   help="Table 2: remove half of the odd/even digits from the source train split")
+    g.add_argument("--target-subset", default="full", choices=["full", "odd", "even"],
+                   help="Table 2: remove half of the odd/even digits from the target train split")
+    g = p.add_argument_group("stage 1: source network F^s")
+    g.add_argument("--source-ckpt", default=None, help="load F^s from this file (a source.pt) instead of training it")
+    g.add_argument("--source-steps", type=int, default=10000, help="source training steps (official: 10k)")
+    g.add_argument("--source-lr", type=float, default=1e-3, help="Adam learning rate for F^s (official: 1e-3)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size per domain, both stages")
+    g = p.add_argument_group("stage 2: activation matching (defaults: the paper's digit setting)")
+    g.add_argument("--mode", default="gam", choices=["source-only", "gaussian", "gam"],
+                   help="stop after stage 1, after Gaussian matching, or run the full GAN matching")
+    g.add_argument("--no-gaussian-init", action="store_true", help="start the GAN stage from F^s itself (ADDA)")
+    g.add_argument("--recipe", default="official", choices=list(RECIPES), help="see the docstring")
+    g.add_argument("--optimizer", default=None, choices=["adam", "sgd"], help="default: the recipe's")
+    g.add_argument("--lr", type=float, default=None, help="learning rate of F^t and the discriminators (recipe's)")
+    g.add_argument("--drift", type=float, default=None, help="weight of the weight-drift term (recipe's; 0: none)")
+    g.add_argument("--drift-ref", default="init", choices=["init", "source"], help="weights the drift term pulls to")
+    g.add_argument("--gan-layers", default="relu3,fc4", help="LeNet layers matched by GANs (relu3: 500-d hidden)")
+    g.add_argument("--gan-weights", default="0.1,1.0", help="loss weight per matched layer")
+    g.add_argument("--gan-schedule", default="joint", choices=["joint", "one-at-a-time"],
+                   help="one-at-a-time adds the next GAN every steps/len(layers) iterations (in --gan-layers order)")
+    g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
+    g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
+    return p.parse_args(argv)
+
+
+# ALGO LOGIC: the method's own pieces
+def subset(x, y, which, generator):
+    """Table 2: 'odd' removes half of the odd digits, 'even' half of the even digits, 'full' keeps all."""
+    if which == "full":
+        return x, y
+    keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    for c in range(1 if which == "odd" else 0, 10, 2):
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), device=y.device, generator=generator)]
+        keep[idx[: len(idx) // 2]] = False
+    return x[keep], y[keep]
+
+
+def channel_stats(acts):
+    """Per-channel mean and std; conv maps count every spatial location as a sample (Sec. 4)."""
+    a = acts.transpose(0, 1).reshape(acts.shape[1], -1) if acts.dim() == 4 else acts.t()
+    return a.mean(1), a.std(1)
+
+
+@torch.no_grad()
+def layer_outputs(net, x_uint8, layer, input_range, batch_size=4096):
+    """Output of one named layer of `net` (eval mode) for uint8 images, concatenated over batches."""
+    net.eval()
+    return torch.cat([net.activations(to_float(c, input_range))[layer] for c in x_uint8.split(batch_size)])
+
+
+@torch.no_grad()
+def gaussian_match(f_t, f_s, x_s, x_t, input_range, eps=1e-5):
+    """Eq. 2, layer by layer from the input upward: fold alpha = sigma_s / sigma_t and beta = mu_s - alpha mu_t of
+    every output channel into the layer's weight and bias, measuring target statistics after the layers below
+    were matched. Returns {layer: (alpha, beta)}."""
+    matched = {}
+    for name, layer in list(f_t.features.named_children()) + list(f_t.classifier.named_children()):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        mu_s, sd_s = channel_stats(layer_outputs(f_s, x_s, name, input_range))
+        mu_t, sd_t = channel_stats(layer_outputs(f_t, x_t, name, input_range))
+        alpha = sd_s / (sd_t + eps)
+        beta = mu_s - alpha * mu_t
+        layer.weight.mul_(alpha.view(-1, *[1] * (layer.weight.dim() - 1)))
+        layer.bias.mul_(alpha).add_(beta)
+        matched[name] = (alpha, beta)
+    return matched
+
+
+def discriminator(in_dim):
+    """ADDA's adversary: in -> 500 -> 500 -> 2 with ReLU."""
+    return nn.Sequential(nn.Linear(in_dim, 500), nn.ReLU(), nn.Linear(500, 500), nn.ReLU(), nn.Linear(500, 2))
+
+
+def weight_drift(net, ref):
+    """Sum over parameter tensors of mean((W_ref - W_t)^2) (the official code's form of ||theta^s - theta^t||^2)."""
+    return sum(((p - r) ** 2).mean() for p, r in zip(net.parameters(), ref))
+
+
+def domain_labels(acts, value):
+    return torch.full((len(acts),), value, dtype=torch.long, device=acts.device)
+
+
+def discriminator_step(discs, opt_d, a_s, a_t, weights):
+    """One update of the discriminators: source activations are class 0, target activations class 1 (the target
+    activations are detached, so F^t gets no gradient from this step). weights: {layer: loss weight}."""
+    loss = sum(w * (F.cross_entropy(discs[k](a_s[k].flatten(1)), domain_labels(a_s[k], 0)) +
+                    F.cross_entropy(discs[k](a_t[k].detach().flatten(1)), domain_labels(a_t[k], 1)))
+               for k, w in weights.items())
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_d.step()
+    return loss.detach()
+
+
+def target_step(f_t, discs, opt_t, a_t, weights, ref, drift_w):
+    """One update of F^t: the GAN loss with inverted labels (its target activations should be called source,
+    class 0) plus drift_w * weight drift. Only F^t's parameters are in opt_t."""
+    loss_gan = sum(w * F.cross_entropy(discs[k](a_t[k].flatten(1)), domain_labels(a_t[k], 0)) for k, w in weights.items())
+    loss_drift = weight_drift(f_t, ref)
+    opt_t.zero_grad(set_to_none=True)
+    (loss_gan + drift_w * loss_drift).backward()
+    opt_t.step()
+    return loss_gan.detach(), loss_drift.detach()
+
+
+def make_optimizer(params, kind, lr):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def main(args):
+    t_start = time.time()
+    # ---- checks that need no data ------------------------------------------------------------------------------
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+    recipe = RECIPES[args.recipe]
+    opt_kind = args.optimizer or recipe["optimizer"]
+    lr = args.lr if args.lr is not None else recipe["lr"]
+    steps = args.steps if args.steps is not None else recipe["steps"]
+    drift_w = args.drift if args.drift is not None else recipe["drift"]
+    layers = [s.strip() for s in args.gan_layers.split(",") if s.strip()]
+    try:
+        weights = [float(w) for w in args.gan_weights.split(",")]
+    except ValueError:
+        raise UsageError(f"--gan-weights '{args.gan_weights}' is not a comma-separated list of numbers")
+    if len(weights) != len(layers) or not layers:
+        raise UsageError(f"--gan-layers ({len(layers)}) and --gan-weights ({len(weights)}) need one weight per layer")
+    if steps < 1 or args.batch_size < 1 or args.log_every < 1 or args.eval_every < 0 or args.disc_pretrain < 0:
+        raise UsageError("--steps, --batch-size, --log-every must be >= 1; --eval-every, --disc-pretrain >= 0")
+    if drift_w < 0:
+        raise UsageError("--drift must be >= 0")
+    gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
+    if args.mode == "gaussian" and args.no_gaussian_init:
+        raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
+    if args.mode != "gam":
+        variant = args.mode
+    elif layers == ["fc4"] and not gaussian_init:
+        variant = "adda+drift" if drift_w > 0 else "adda"
+    else:
+        variant = ("gam" if drift_w > 0 else "gam-no-drift") + ("" if gaussian_init else "-no-gaussian-init")
+
+    # TRY NOT TO MODIFY: seeding, device
+    device = setup_torch(args)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    f_s = build_backbone("lenet")
+    known = [n for n, _ in list(f_s.features.named_children()) + list(f_s.classifier.named_children())]
+    if any(layer not in known for layer in layers):
+        raise UsageError(f"--gan-layers must name LeNet layers: {', '.join(known)}")
+    src, tgt = load_task(args.task, f_s.size, f_s.in_channels, device, args.data_dir, args.cache_dir,
+                         download=not args.no_download)
+    src_x, src_y = subset(src.train_x, src.train_y, args.source_subset, g)
+    tgt_x, _ = subset(tgt.train_x, tgt.train_y, args.target_subset, g)  # target labels: only to form the subset
+    ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
+    if args.source_ckpt:  # stage 1 done before: F^s from its source.pt
+        try:
+            f_s.load_state_dict(torch.load(args.source_ckpt, map_location="cpu")["model"])
+        except (OSError, KeyError, RuntimeError) as e:
+            raise DataError(f"could not load --source-ckpt {args.source_ckpt}: {e}")
+
+    run_dir = make_run_dir(args.out, "gam", args.task, args.seed)
+    resolved = dict(vars(args), optimizer=opt_kind, lr=lr, steps=steps, drift=drift_w, gan_layers=layers,
+                    gan_weights=weights, variant=variant, source=src.name, target=tgt.name)
+    atomic_write_json(resolved, run_dir / "args.json")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    print(f"gam {args.task} ({variant}) | {src} -> {tgt} | lenet {count_params(f_s):,} params | {device} | "
+          f"run folder {run_dir}", flush=True)
+
+    # ---- stage 1: source network F^s ---------------------------------------------------------------------------
+    f_s = f_s.to(device)
+    if not args.source_ckpt:
+        opt = torch.optim.Adam(f_s.parameters(), lr=args.source_lr)
+        sampler = IndexSampler(len(src_x), args.batch_size, device, g)
+        progress, t0, loss_sum, n = Progress(args.source_steps), time.time(), torch.zeros((), device=device), 0
+        f_s.train()
+        for step in range(1, args.source_steps + 1):
+            idx = sampler.next()
+            loss = F.cross_entropy(f_s(to_float(src_x[idx], args.input_range)), src_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            n += 1
+            if step % args.log_every == 0 or step == args.source_steps:
+                print("source " + progress.line(step, time.time() - t0, loss_y=loss_sum.item() / n), flush=True)
+                loss_sum.zero_()
+                n = 0
+        if not args.no_save_model:
+            atomic_torch_save({"model": f_s.state_dict(), "task": args.task, "seed": args.seed}, run_dir / "source.pt")
+    f_s.eval().requires_grad_(False)  # frozen from here on
+    no_adapt = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
+                "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
+    print(f"F^s (no adaptation): target {no_adapt['target_acc']:.2f} source {no_adapt['source_acc']:.2f}", flush=True)
+
+    # ---- stage 2a: Gaussian i.i.d. matching (eq. 2) --------------------------------------------------------------
+    f_t = copy.deepcopy(f_s).requires_grad_(True)
+    gaussian = None
+    if args.mode != "source-only" and gaussian_init:
+        n = args.stats_samples
+        gaussian_match(f_t, f_s, src_x[:n], tgt_x[:n], args.input_range)
+        gaussian = {"target_acc": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
+                    "source_acc": accuracy(f_t, src.test_x, src.test_y, **ev)}
+        print(f"Gaussian matching: target {gaussian['target_acc']:.2f} source {gaussian['source_acc']:.2f}", flush=True)
+
+    # ---- stage 2b: general activation matching with one GAN per layer (eq. 3) -----------------------------------
+    train_time = 0.0
+    if args.mode == "gam":
+        f_t.eval()  # no dropout in the matched activations
+        ref = [p.detach().clone() for p in (f_t if args.drift_ref == "init" else f_s).parameters()]
+        with torch.no_grad():
+            dims = {k: v[:1].flatten(1).shape[1] for k, v in f_t.activations(to_float(src_x[:1], args.input_range)).items()}
+        discs = nn.ModuleDict({layer: discriminator(dims[layer]) for layer in layers}).to(device)
+        opt_d = make_optimizer(discs.parameters(), opt_kind, lr)
+        opt_t = make_optimizer(f_t.parameters(), opt_kind, lr)
+        acts_t = torch.compile(f_t.activations) if args.compile else f_t.activations
+        s_sampler = IndexSampler(len(src_x), args.batch_size, device, g)
+        t_sampler = IndexSampler(len(tgt_x), args.batch_size, device, g)
+        progress, sums, n_window, t_loop = Progress(steps), torch.zeros(3, device=device), 0, time.time()
+        for it in range(args.disc_pretrain + steps):
+            # ALGO LOGIC
+            step = it - args.disc_pretrain  # < 0 while the discriminators are pre-trained
+            n_active = len(layers) if args.gan_schedule == "joint" or step < 0 else 1 + step * len(layers) // steps
+            active = dict(zip(layers[:n_active], weights[:n_active]))  # {layer: GAN loss weight}
+            with torch.no_grad():
+                a_s = f_s.activations(to_float(src_x[s_sampler.next()], args.input_range))  # source net, source data
+            a_t = acts_t(to_float(tgt_x[t_sampler.next()], args.input_range))  # target net, target data
+            loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
+            loss_gan = loss_drift = torch.zeros((), device=device)
+            if step >= 0:  # after the discriminators' pre-training
+                loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, drift_w)
+
+            # TRY NOT TO MODIFY: logging and evaluation
+            sums += torch.stack([loss_d.detach(), loss_gan.detach(), loss_drift.detach()])
+            n_window += 1
+            done = step + 1
+            if done > 0 and (done % args.log_every == 0 or done == steps):
+                train_time += time.time() - t_loop
+                ld, lg, lw = (sums / n_window).tolist()
+                print(progress.line(done, train_time, loss_d=ld, loss_gan=lg, drift=lw, gans=n_active), flush=True)
+                log.write(step=done, loss_d=ld, loss_gan=lg, drift=lw, steps_per_sec=done / max(train_time, 1e-9))
+                sums.zero_()
+                n_window, t_loop = 0, time.time()
+            if done > 0 and args.eval_every and done % args.eval_every == 0 and done != steps:
+                train_time += time.time() - t_loop
+                rec = {"step": done, "target_test_acc_curve": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
+                       "source_test_acc": accuracy(f_t, src.test_x, src.test_y, **ev)}
+                log.write(**rec)
+                print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
+                      flush=True)
+                t_loop = time.time()
+
+    # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
+    target_acc = accuracy(f_t, tgt.test_x, tgt.test_y, **ev)
+    source_acc = accuracy(f_t, src.test_x, src.test_y, **ev)
+    log.write(step=steps if args.mode == "gam" else 0, target_test_acc=target_acc, source_test_acc=source_acc)
+    log.close()
+    if not args.no_save_model:
+        atomic_torch_save({"model": f_t.state_dict(), "args": resolved}, run_dir / "model.pt")
+    finish(run_dir, {
+        "method": "gam", "task": args.task, "variant": variant, "seed": args.seed,
+        "steps": steps if args.mode == "gam" else 0, "source_steps": 0 if args.source_ckpt else args.source_steps,
+        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
+        "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
+        "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None,
+        "train_steps_per_sec": round(steps / max(train_time, 1e-9), 2) if args.mode == "gam" else None,
+        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
+        "versions": versions()})
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
