@@ -567,6 +567,8 @@ def test_gam_smoke(flags, variant, env, tmp_path):
         assert summary["target_acc"] == summary["no_adaptation"]["target_acc"]
     args = json.loads((run / "args.json").read_text())
     assert args["optimizer"] == ("sgd" if "paper" in flags else "adam")
+    if flags:
+        return
     # stage 1 can be skipped with the saved F^s
     res2 = run_script(["gam.py", "--task", "mnist-usps", "--source-ckpt", str(run / "source.pt"), "--mode", "source-only",
                        "--no-download", "--out", str(tmp_path / "runs2")], env, HERE)
