@@ -140,6 +140,7 @@ def render(store, path):
         per = ", ".join(f"seed {s}: {a:.2f}" for s, a in zip(r["seeds"], r["target_acc"]))
         out.append(f"- {r['method']} {r['task']} {r['variant']} ({r['steps']} steps): {per}")
     out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
+    out += [f"- {note}" for note in store.get("notes", [])] + ([""] if store.get("notes") else [])
     if store.get("overhead"):
         out += ["## Training-loop overhead", "",
                 "Steps/s of the full script's training loop (sampling by index on the device, normalisation, schedules,",
