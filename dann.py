@@ -38,10 +38,12 @@ Deviations from the paper, each a flag:
   * `--source-val N` holds out N source training images for the source-validation signal; by default (0) the
     signal is computed on the source test split (labelled *source* data only: target labels are never used).
 
-Commands and numbers: see RESULTS.md (the exact command of every row) and the README.
-    python dann.py --task mnist-mnistm                    # DANN
-    python dann.py --task mnist-mnistm --lambda-max 0     # source only
-    python dann.py --task mnist-mnistm --oracle           # train on target (upper bound)
+Commands and numbers (final model, target test accuracy %, 3 seeds, 20k steps, CPU; details in RESULTS.md):
+    python dann.py --task mnist-mnistm                    # DANN         77.83 +- 3.14   (paper 76.66)
+    python dann.py --task mnist-mnistm --lambda-max 0     # source only  58.82 +- 2.43   (paper 52.25)
+    python dann.py --task mnist-usps                      # DANN         90.13 +- 1.07   (not in the paper)
+    python dann.py --task usps-mnist                      # DANN         95.84 +- 0.14   (not in the paper)
+    python dann.py --task mnist-mnistm --oracle           # train on target (upper bound; paper 95.96)
 """
 
 import argparse
