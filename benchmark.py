@@ -4,7 +4,8 @@
     python benchmark.py --methods dann --tasks mnist-mnistm --seeds 0 1 2 --jobs 2 -- --lambda-max 0
     python benchmark.py --overhead --tasks mnist-mnistm --overhead-steps 300     # loop overhead vs bare networks
 
-Everything after `--` is passed to every run. Each (method, task, extra flags) is one row; re-running the same
+Everything after `--` is passed to every run; `{task}` and `{seed}` in it are replaced by the run's task and seed
+(e.g. gam.py's per-seed stage-1 cache: `-- --source-ckpt ckpt/gam_{task}_{seed}.pt`). Each (method, task, extra flags) is one row; re-running the same
 row replaces it, other rows are kept (results.json is the store, RESULTS.md is rendered from it). Only measured
 runs appear. Each run's stdout/stderr is kept under <out>/logs/.
 """
@@ -86,7 +87,13 @@ def hardware():
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def fill(flags, task, seed):
+    """The {task} and {seed} placeholders of the extra flags."""
+    return [f.replace("{task}", task).replace("{seed}", str(seed)) for f in flags]
+
+
 def run_one(method, task, seed, extra, threads, out):
+    extra = fill(extra, task, seed)
     cmd = [sys.executable, str(HERE / f"{method}.py"), "--task", task, "--seed", str(seed), "--out", out]
     if "--threads" not in extra:
         cmd += ["--threads", str(threads)]
@@ -236,6 +243,8 @@ def main():
     jobs = [(m, t, s) for m in args.methods for t in args.tasks for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         results = list(pool.map(lambda j: run_one(*j, args.extra, threads, args.out), jobs))
+    store = load_store(args.results)  # again: another benchmark may have saved rows while these runs were going
+    store["hardware"] = hardware()
     groups = {}
     for (m, t, s), r in zip(jobs, results):
         if r is not None:
@@ -246,7 +255,7 @@ def main():
         seeds = " ".join(str(r["seed"]) for r in rs)
         cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
         cmd += f" --threads {threads}" if "--threads" not in args.extra else ""
-        cmd += (f" {flags}" if flags else "") + "; done"
+        cmd += "".join(" " + (e if "$s" in e else shlex.quote(e)) for e in fill(args.extra, t, "$s")) + "; done"
         key = f"{m}|{t}|{flags}"
         store["rows"][key] = {
             "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": flags, "steps": rs[0]["steps"],

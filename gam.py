@@ -6,7 +6,9 @@ images matches F^s's activations on source images at several layers (eq. 1), whi
 F^s's (the weight-drift regulariser).
 
 Implemented:
-  * Stage 1, source training (skipped with `--source-ckpt`): Adam lr 1e-3, batch 128, 10k steps (official code).
+  * Stage 1, source training: Adam lr 1e-3, batch 128, 10k steps (official code). `--source-ckpt PATH` caches it:
+    loaded if PATH exists (and was trained with the same source data, seed and stage-1 flags), else trained and
+    saved there, so every variant of one seed adapts the same F^s.
   * Gaussian i.i.d. matching (Sec. 4.1, eq. 2): for every conv/fc layer from the input upward, each output channel k
     of F^t is scaled and shifted (alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into the layer's
     weight and bias) so that its target activations have the source activations' mean and std; each layer's target
@@ -46,8 +48,10 @@ GAM (full) 95.7 +- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M. Measu
 
 import argparse
 import copy
+import pickle
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -89,7 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--target-subset", default="full", choices=["full", "odd", "even"],
                    help="Table 2: remove half of the odd/even digits from the target train split")
     g = p.add_argument_group("stage 1: source network F^s")
-    g.add_argument("--source-ckpt", default=None, help="load F^s from this file (a source.pt) instead of training it")
+    g.add_argument("--source-ckpt", default=None,
+                   help="F^s cache file: loaded if it exists (same source data/seed/stage-1 flags), else trained and saved")
     g.add_argument("--source-steps", type=int, default=10000, help="source training steps (official: 10k)")
     g.add_argument("--source-lr", type=float, default=1e-3, help="Adam learning rate for F^s (official: 1e-3)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per domain, both stages")
@@ -244,11 +249,21 @@ def main(args):
     src_x, src_y = subset(src.train_x, src.train_y, args.source_subset, g)
     tgt_x, _ = subset(tgt.train_x, tgt.train_y, args.target_subset, g)  # target labels: only to form the subset
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
-    if args.source_ckpt:  # stage 1 done before: F^s from its source.pt
+    # stage 1's identity: a cached F^s is reused only by runs that would have trained the same one
+    stage1 = dict(source=src.name, seed=args.seed, source_subset=args.source_subset, source_steps=args.source_steps,
+                  source_lr=args.source_lr, batch_size=args.batch_size, input_range=args.input_range)
+    ckpt = Path(args.source_ckpt) if args.source_ckpt else None
+    loaded = bool(ckpt and ckpt.exists())
+    if loaded:  # stage 1 done before: F^s from the cache file
         try:
-            f_s.load_state_dict(torch.load(args.source_ckpt, map_location="cpu")["model"])
-        except (OSError, KeyError, RuntimeError) as e:
-            raise DataError(f"could not load --source-ckpt {args.source_ckpt}: {e}")
+            saved = torch.load(ckpt, map_location="cpu")
+            f_s.load_state_dict(saved["model"])
+        except (OSError, KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise DataError(f"could not load --source-ckpt {ckpt}: {e}; delete it to retrain")
+        diff = {k: (saved.get("stage1", {}).get(k), v) for k, v in stage1.items() if saved.get("stage1", {}).get(k) != v}
+        if diff:
+            raise UsageError(f"--source-ckpt {ckpt} was trained differently (saved vs this run: {diff}); "
+                             "use another path or delete it")
 
     run_dir = make_run_dir(args.out, "gam", args.task, args.seed)
     resolved = dict(vars(args), optimizer=opt_kind, lr=lr, steps=steps, drift=drift_w, gan_layers=layers,
@@ -260,7 +275,7 @@ def main(args):
 
     # ---- stage 1: source network F^s ---------------------------------------------------------------------------
     f_s = f_s.to(device)
-    if not args.source_ckpt:
+    if not loaded:
         opt = torch.optim.Adam(f_s.parameters(), lr=args.source_lr)
         sampler = IndexSampler(len(src_x), args.batch_size, device, g)
         progress, t0, loss_sum, n = Progress(args.source_steps), time.time(), torch.zeros((), device=device), 0
@@ -277,8 +292,15 @@ def main(args):
                 print("source " + progress.line(step, time.time() - t0, loss_y=loss_sum.item() / n), flush=True)
                 loss_sum.zero_()
                 n = 0
+        saved = {"model": f_s.state_dict(), "task": args.task, "stage1": stage1}
         if not args.no_save_model:
-            atomic_torch_save({"model": f_s.state_dict(), "task": args.task, "seed": args.seed}, run_dir / "source.pt")
+            atomic_torch_save(saved, run_dir / "source.pt")
+        if ckpt:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(saved, ckpt)
+            print(f"F^s saved to {ckpt}", flush=True)
+    else:
+        print(f"F^s loaded from {ckpt} (stage 1 skipped)", flush=True)
     f_s.eval().requires_grad_(False)  # frozen from here on
     no_adapt = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
                 "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
@@ -350,7 +372,7 @@ def main(args):
         atomic_torch_save({"model": f_t.state_dict(), "args": resolved}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "gam", "task": args.task, "variant": variant, "seed": args.seed,
-        "steps": steps if args.mode == "gam" else 0, "source_steps": 0 if args.source_ckpt else args.source_steps,
+        "steps": steps if args.mode == "gam" else 0, "source_steps": 0 if loaded else args.source_steps,
         "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None,

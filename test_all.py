@@ -27,6 +27,7 @@ import torch.nn as nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import benchmark  # noqa: E402
+import calibrator  # noqa: E402
 import common  # noqa: E402
 import dann  # noqa: E402
 import gam  # noqa: E402
@@ -569,24 +570,112 @@ def test_gam_smoke(flags, variant, env, tmp_path):
     assert args["optimizer"] == ("sgd" if "paper" in flags else "adam")
     if flags:
         return
-    # stage 1 can be skipped with the saved F^s
-    res2 = run_script(["gam.py", "--task", "mnist-usps", "--source-ckpt", str(run / "source.pt"), "--mode", "source-only",
-                       "--no-download", "--out", str(tmp_path / "runs2")], env, HERE)
-    assert res2.returncode == 0, res2.stderr[-2000:]
-    again = json.loads(res2.stdout.strip().splitlines()[-1])
-    assert again["source_steps"] == 0 and again["no_adaptation"] == summary["no_adaptation"]
+    # --source-ckpt: a missing file is trained and saved, an existing one is loaded (stage 1 skipped)
+    ckpt = tmp_path / "ckpt" / "f_s.pt"
+    common = ["gam.py", "--task", "mnist-usps", "--source-ckpt", str(ckpt), "--source-steps", "60", "--batch-size", "16",
+              "--mode", "source-only", "--no-download"]
+    first = run_script([*common, "--out", str(tmp_path / "runs2")], env, HERE)
+    assert first.returncode == 0 and ckpt.exists() and "saved to" in first.stdout, first.stderr[-2000:]
+    res2 = run_script([*common, "--out", str(tmp_path / "runs3")], env, HERE)
+    assert res2.returncode == 0 and "loaded from" in res2.stdout, res2.stderr[-2000:]
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, res2))
+    assert a["source_steps"] == 60 and b["source_steps"] == 0 and a["no_adaptation"] == b["no_adaptation"]
+    # a cache trained with other stage-1 flags is refused, not silently reused
+    res3 = run_script([*common, "--seed", "1",
+                       "--out", str(tmp_path / "runs4")], env, HERE)
+    assert res3.returncode == 2 and "trained differently" in res3.stderr, res3.stderr[-2000:]
 
 
 def test_gam_bad_flags(env, tmp_path):
+    bad_ckpt = tmp_path / "truncated.pt"
+    bad_ckpt.write_bytes(b"PK\x03\x04 not a checkpoint")
     for flags, needle in ((["--gan-layers", "fc4,relu3", "--gan-weights", "1"], "one weight per layer"),
                           (["--gan-layers", "fc9", "--gan-weights", "1"], "LeNet layers"),
                           (["--mode", "gaussian", "--no-gaussian-init"], "--no-gaussian-init"),
-                          (["--source-ckpt", str(tmp_path / "nope.pt")], "--source-ckpt")):
+                          (["--source-ckpt", str(bad_ckpt)], "--source-ckpt")):
         res = run_script(["gam.py", "--task", "mnist-usps", "--no-download", "--out", str(tmp_path / "r"), *flags],
                          env, HERE)
         assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
         assert needle in res.stderr and "Traceback" not in res.stderr
         assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibrator.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("perturb", ["official", "symmetric"])
+def test_calibrator_perturbation_is_linf_bounded(perturb):
+    torch.manual_seed(0)
+    g_c = calibrator.Calibrator(3, width=4, blocks=2, linf=0.3, perturb=perturb).eval()
+    with torch.no_grad():  # make the raw generator output large, so the bound (not the weights) limits delta
+        g_c.up[-2].weight.mul_(50)
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        d, y = g_c.delta(x), g_c(x)
+    assert (y - x).abs().max() <= 0.3 + 1e-6 and y.min() >= -1 and y.max() <= 1
+    assert d.abs().max() > 0.29  # the bound is reached, so the check above is not vacuous
+    if perturb == "official":  # one-sided: only adds intensity
+        assert d.min() >= 0 and (y - x).min() >= -1e-6
+    else:
+        assert d.min() < -0.29
+
+
+def test_calibrator_patch_shuffle_keeps_each_channels_pixels_and_destroys_their_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 32, 32, generator=g)
+    p = calibrator.shuffled_patch(x, 3, 7, 8, g).view(5, 3, 64)
+    ref = x[:, :, 3:11, 7:15].flatten(2)
+    assert torch.equal(p.sort(-1).values, ref.sort(-1).values)  # same multiset per image and channel
+    assert not torch.equal(p, ref)
+    assert not torch.equal(p[:, 0].argsort(-1), p[:, 1].argsort(-1))  # channels are shuffled independently
+    labels = calibrator.group_labels(4, x.device)
+    assert [lab.tolist() for lab in labels] == [[i] * 4 for i in range(4)]  # G1..G4 -> 0..3
+
+
+def test_calibrator_macs_and_params_match_closed_forms():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1),
+                        nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
+    # conv: 8*8*8 outputs x 3*9; transposed conv: 8*8*8 inputs x 4*9; linear: 1024 x 10
+    assert calibrator.count_macs(net, torch.zeros(2, 3, 8, 8)) == 512 * 27 + 512 * 36 + 1024 * 10
+    g_c = calibrator.Calibrator(3, width=8, blocks=9)  # the paper's digit calibrator: 0.18M parameters, 5.8% of F_s
+    assert 0.17e6 < common.count_params(g_c) < 0.19e6
+    assert 0.055 < common.count_params(g_c) / common.count_params(common.dtn()) < 0.06
+
+
+@pytest.mark.parametrize("source_bn", ["eval", "train"])
+def test_calibrator_smoke_keeps_the_source_classifier_frozen(source_bn, env, tmp_path):
+    out = tmp_path / "runs"
+    res = run_script(["calibrator.py", "--task", "mnist-usps", "--source-epochs", "20", "--source-lr", "1e-3", "--steps", "12",
+                      "--batch-size", "16", "--width", "2", "--blocks", "1", "--log-every", "4", "--eval-every", "8",
+                      "--source-bn", source_bn, "--no-download", "--out", str(out), "--source-ckpt",
+                      str(tmp_path / "fs.pt")], env, HERE)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    run = next(out.iterdir())
+    assert json.loads((run / "summary.json").read_text()) == summary and SUMMARY_KEYS <= set(summary)
+    assert summary["steps"] == 12 and summary["source_model_alone"]["source_acc"] >= 60  # stage 1 learned
+    assert (run / "calibration.png").stat().st_size > 1000
+    assert 0 < summary["cost"]["param_ratio"] < 0.01 and summary["cost"]["calibrator_macs"] > 0
+    before = torch.load(run / "source.pt")["model"]
+    after = torch.load(run / "model.pt")["source_model"]
+    params = {k for k, _ in common.dtn().named_parameters()}
+    assert all(torch.equal(before[k], after[k]) for k in params)  # F_s's parameters: bit-identical
+    moved = [k for k in before if k.endswith("running_mean") and not torch.equal(before[k], after[k])]
+    assert bool(moved) == (source_bn == "train")  # BN statistics drift only in the official mode
+    assert (summary["source_model_alone_after_bn_drift"] is None) == (source_bn == "eval")
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("target_test_acc_curve" in l for l in lines) and lines[-1]["step"] == 12
+
+
+def test_calibrator_bad_flags(env, tmp_path):
+    for flags, needle in ((["--linf", "0"], "--linf"), (["--patch", "40"], "--patch"), (["--betas", "0.5"], "--betas"),
+                          (["--task", "mnist-cifar"], "unknown task")):
+        res = run_script(["calibrator.py", "--no-download", "--out", str(tmp_path / "r"), *flags], env, HERE)
+        assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert needle in res.stderr and "Traceback" not in res.stderr
+        assert not (tmp_path / "r").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
