@@ -1,0 +1,449 @@
+"""Light-weight Calibrator (Ye, Wu, Wang, Lin, Qin, Xu, Wang, CVPR 2020): adapt by calibrating the *data*.
+
+The deployed source classifier F_s = C_s o M_s is trained on labelled source images and never changes again. A
+small network G_c learns a bounded perturbation, G_c(x) = x + delta(x), so that F_s(G_c(x)) works on the target
+domain while F_s(G_c(x_s)) keeps the source accuracy. G_c is trained adversarially against two 4-way domain
+discriminators over the groups G1 = X_s, G2 = X_t, G3 = G_c(X_s), G4 = G_c(X_t).
+
+Implemented:
+  * Stage 1, source classifier: the CyCADA `dtn` (32x32 RGB in [-1, 1], MNIST/USPS replicated to 3 channels),
+    Adam lr 1e-4, batch 128, per-task epochs and weight decay from the official configs. `--source-ckpt PATH`
+    caches it (loaded if PATH exists and was trained with the same stage-1 settings, else trained and saved).
+    From then on F_s's parameters are frozen; by default it also runs in eval mode (`--source-bn`, below).
+  * The calibrator G_c: a narrow CycleGAN-style ResNet generator (7x7 conv, two stride-2 downsamplings, residual
+    blocks, two transposed-conv upsamplings, 7x7 conv, tanh; InstanceNorm), plus the global skip x + delta.
+    `--perturb official` (default): delta = clamp((tanh + 1) / 2, 0, L_inf), the official code's one-sided bound,
+    and G_c(x) = clamp(x + delta, -1, 1); `--perturb symmetric`: delta = L_inf * tanh, |delta| <= L_inf.
+  * D_feat (eq. 5): 4-way classifier on F_s's output (official: its softmax; `--feat-input features` uses M_s's
+    512-d features): in -> 1000 -> 500 -> 4 with ReLU and dropout, as the official FeatureDiscriminator.
+  * D_pixel (eq. 6): 4-way MLP (P*P*3 -> 128 -> 4) on one random P x P patch per batch (same place in every
+    group), whose pixels are shuffled independently per image and per channel (the paper's two tricks against an
+    overfitting pixel discriminator).
+  * Calibrator loss (eq. 7): both discriminators should put G3 and G4 in G1. Official weights: target terms 1.0,
+    source terms 0.1 (`--w-feat-target --w-feat-source --w-pix-target --w-pix-source`).
+  * Adam lr 1e-4 for G_c and both discriminators, batch 128 per domain, constant lr (the official StepLR is
+    never stepped); discriminators step first, then G_c, every iteration.
+
+Per-task defaults (official configs/digits/*.yml; notes in anchors.md A.4):
+    task        src epochs  src wd  batch  epochs  lr    width  blocks  L_inf  patch
+    mnist-usps  300         5e-4    128    200     1e-4  8      9       0.4    4
+    usps-mnist  250         5e-4    128    50      1e-4  4      9       0.9    8
+    svhn-mnist  100         0       512    100     2e-4  8      8       0.8    8
+  Other tasks have no official config and use the svhn-mnist row. An epoch of stage 2 is min(#source, #target)
+  train images / batch steps (the official loop zips the two loaders, so the shorter one ends the epoch).
+
+Evaluation and report: accuracy of the *final* calibrator (no checkpoint selection) on the target and source *test*
+splits, for F_s alone and for F_s o G_c (the paper's Figure 2 trade-off); parameters and multiply-adds of G_c and
+F_s and their ratio (the paper's Table 3: 0.18M parameters, 5.8% of F_s for digits); a PNG grid with source and
+target images, their calibrated versions, delta amplified, and the log-magnitude spectra before/after (Figure 6).
+
+Deviations, each a flag or stated here:
+  * `--source-bn eval` (default): F_s is truly frozen (eval mode, so its BatchNorm statistics and dropout do not
+    change), as the paper describes. The official code leaves F_s in train mode during stage 2, so its BatchNorm
+    running statistics drift towards the target and calibrated batches (an implicit AdaBN) and its dropout is on:
+    `--source-bn train` reproduces that (its parameters still never change; summary.json then also reports F_s
+    alone with the drifted statistics).
+  * The official generator ends in Dropout(0.05) on the perturbation: kept (`--calib-dropout`).
+  * The configs' `resolution` entry (16 / 32 / 16) is not used: its role is not documented.
+  * No CycleGAN-stylised source (the paper's best rows): the issue asks for the calibrator alone.
+
+Paper numbers (Table 1, target accuracy, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGAN-stylised
+source: 97.1 / 98.3 / 97.5). Measured numbers: RESULTS.md.
+"""
+
+import argparse
+import pickle
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
+                    atomic_write_json, build_backbone, count_params, default_data_dir, finish, load_task,
+                    make_run_dir, setup_torch, to_float, versions)
+
+# Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
+TASK_DEFAULTS = {
+    "mnist-usps": dict(source_epochs=300, source_wd=5e-4, batch_size=128, epochs=200, lr=1e-4, width=8, blocks=9,
+                       linf=0.4, patch=4),
+    "usps-mnist": dict(source_epochs=250, source_wd=5e-4, batch_size=128, epochs=50, lr=1e-4, width=4, blocks=9,
+                       linf=0.9, patch=8),
+    "svhn-mnist": dict(source_epochs=100, source_wd=0.0, batch_size=512, epochs=100, lr=2e-4, width=8, blocks=8,
+                       linf=0.8, patch=8),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--task", default="mnist-usps", help=f"source-target pair: {', '.join(TASKS)}")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the calibrator and F_s's forward")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    g.add_argument("--out", default="runs", help="parent folder of the run folder")
+    g.add_argument("--log-every", type=int, default=100, help="progress line + metrics.jsonl record every N steps")
+    g.add_argument("--eval-every", type=int, default=1000, help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--no-save-model", action="store_true", help="do not write the model files")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
+    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
+    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
+    g.add_argument("--eval-batch-size", type=int, default=2048, help="batch size for evaluation")
+    g = p.add_argument_group("stage 1: source classifier F_s (dtn)")
+    g.add_argument("--source-ckpt", default=None,
+                   help="F_s cache file: loaded if it exists (same source data/seed/stage-1 flags), else trained and saved")
+    g.add_argument("--source-epochs", type=float, default=None, help="epochs over the source train split (task default)")
+    g.add_argument("--source-lr", type=float, default=1e-4, help="Adam learning rate for F_s")
+    g.add_argument("--source-wd", type=float, default=None, help="Adam weight decay for F_s (task default)")
+    g = p.add_argument_group("stage 2: calibrator (defaults: the official digit configs, see the docstring)")
+    g.add_argument("--epochs", type=float, default=None, help="calibrator epochs (task default)")
+    g.add_argument("--steps", type=int, default=None, help="calibrator steps; overrides --epochs")
+    g.add_argument("--batch-size", type=int, default=None, help="images per domain per step, both stages (task default)")
+    g.add_argument("--lr", type=float, default=None, help="Adam lr of G_c and both discriminators (task default)")
+    g.add_argument("--betas", default="0.5,0.999", help="Adam betas of stage 2")
+    g.add_argument("--width", type=int, default=None, help="calibrator base width ngf (task default)")
+    g.add_argument("--blocks", type=int, default=None, help="calibrator residual blocks (task default)")
+    g.add_argument("--linf", type=float, default=None, help="bound on the perturbation, in [-1, 1] pixel units")
+    g.add_argument("--perturb", default="official", choices=["official", "symmetric"],
+                   help="official: delta in [0, L_inf] via clamp((tanh+1)/2); symmetric: L_inf * tanh")
+    g.add_argument("--calib-dropout", type=float, default=0.05, help="dropout on the perturbation (official: 0.05)")
+    g.add_argument("--patch", type=int, default=None, help="pixel discriminator patch size P (task default)")
+    g.add_argument("--pixel-hidden", type=int, default=128, help="pixel discriminator hidden units")
+    g.add_argument("--feat-input", default="softmax", choices=["softmax", "features"],
+                   help="D_feat input: F_s's softmax output (official) or M_s's 512-d features")
+    g.add_argument("--w-feat-target", type=float, default=1.0, help="eq. 7 weight: D_feat on G_c(X_t)")
+    g.add_argument("--w-feat-source", type=float, default=0.1, help="eq. 7 weight: D_feat on G_c(X_s)")
+    g.add_argument("--w-pix-target", type=float, default=1.0, help="eq. 7 weight: D_pixel on G_c(X_t)")
+    g.add_argument("--w-pix-source", type=float, default=0.1, help="eq. 7 weight: D_pixel on G_c(X_s)")
+    g.add_argument("--source-bn", default="eval", choices=["eval", "train"],
+                   help="F_s's mode in stage 2: eval (truly frozen) or train (official code: BN statistics drift)")
+    g.add_argument("--grid-images", type=int, default=8, help="images per row of the PNG grid (0: no grid)")
+    args = p.parse_args(argv)
+    defaults = TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["svhn-mnist"])
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ALGO LOGIC: the method's own pieces
+def resnet_block(ch):
+    """CycleGAN residual block body (the skip is added in Calibrator.forward)."""
+    return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(True),
+                         nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
+
+
+class Calibrator(nn.Module):
+    """G_c(x) = clamp(x + delta(x), -1, 1); delta from a narrow ResNet generator, bounded by L_inf."""
+
+    def __init__(self, channels=3, width=8, blocks=9, linf=0.4, perturb="official", dropout=0.05):
+        super().__init__()
+        w = width
+        self.down = nn.Sequential(
+            nn.ReflectionPad2d(3), nn.Conv2d(channels, w, 7), nn.InstanceNorm2d(w), nn.ReLU(True),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * w), nn.ReLU(True),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.InstanceNorm2d(4 * w), nn.ReLU(True))
+        self.blocks = nn.ModuleList(resnet_block(4 * w) for _ in range(blocks))
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(4 * w, 2 * w, 3, stride=2, padding=1, output_padding=1), nn.InstanceNorm2d(2 * w),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(2 * w, w, 3, stride=2, padding=1, output_padding=1), nn.InstanceNorm2d(w), nn.ReLU(True),
+            nn.ReflectionPad2d(3), nn.Conv2d(w, channels, 7), nn.Tanh())
+        self.drop = nn.Dropout(dropout)
+        self.linf, self.perturb = linf, perturb
+
+    def delta(self, x):
+        h = self.down(x)
+        for block in self.blocks:
+            h = h + block(h)
+        t = self.up(h)
+        if self.perturb == "official":  # one-sided: the calibrator can only add intensity, at most L_inf
+            d = torch.clamp((t + 1) / 2, 0, self.linf)
+        else:
+            d = self.linf * t
+        return self.drop(d)
+
+    def forward(self, x):
+        return torch.clamp(x + self.delta(x), -1.0, 1.0)
+
+
+def feature_discriminator(in_dim):
+    """Official FeatureDiscriminator: in -> 1000 -> 500 -> 4 groups."""
+    return nn.Sequential(nn.Linear(in_dim, 1000), nn.ReLU(True), nn.Linear(1000, 500), nn.ReLU(True), nn.Dropout(0.5),
+                         nn.Linear(500, 4))
+
+
+def pixel_discriminator(patch, channels, hidden):
+    """Two FC layers on a flattened P x P x C patch -> 4 groups."""
+    return nn.Sequential(nn.Linear(patch * patch * channels, hidden), nn.ReLU(True), nn.Linear(hidden, 4))
+
+
+def shuffled_patch(x, top, left, size, generator=None):
+    """The P x P patch at (top, left) of every image, its pixels permuted independently per image and per channel
+    (keeps each channel's pixel multiset, destroys spatial structure). Returns [N, C * P * P]."""
+    p = x[:, :, top:top + size, left:left + size].flatten(2)  # [N, C, P*P]
+    perm = torch.rand(p.shape, device=x.device, generator=generator).argsort(-1)
+    return p.gather(-1, perm).flatten(1)
+
+
+def group_labels(n, device):
+    """Class index of each group: G1 = X_s (0), G2 = X_t (1), G3 = G_c(X_s) (2), G4 = G_c(X_t) (3)."""
+    return [torch.full((n,), i, dtype=torch.long, device=device) for i in range(4)]
+
+
+def count_macs(model, x):
+    """Multiply-accumulates per image of the conv, transposed-conv and linear layers in one forward pass of x."""
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+        elif isinstance(mod, nn.Conv2d):  # every output value: (C_in / groups) * kh * kw products
+            total[0] += out.numel() * mod.weight[0].numel()
+        else:  # ConvTranspose2d: every input value is spread over (C_out / groups) * kh * kw outputs
+            total[0] += inp[0].numel() * mod.weight[0].numel()
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(x)
+    model.train(was_training)
+    for h in hs:
+        h.remove()
+    return total[0] // x.shape[0]
+
+
+def log_spectrum(x):
+    """log(1 + |FFT|) of each image's channel mean, centred, scaled to [0, 1] per image (Figure 6)."""
+    mag = torch.fft.fftshift(torch.fft.fft2(x.mean(1)), dim=(-2, -1)).abs().log1p()
+    lo, hi = mag.amin((-2, -1), keepdim=True), mag.amax((-2, -1), keepdim=True)
+    return ((mag - lo) / (hi - lo + 1e-8)).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def save_grid(g_c, xs, xt, path):
+    """Rows: source, G_c(source), delta_s (amplified), target, G_c(target), delta_t, |FFT| target, |FFT| G_c(target)."""
+    from torchvision.utils import save_image
+
+    g_c.eval()
+    with torch.inference_mode():
+        cs, ct = g_c(xs), g_c(xt)
+    amp = lambda d: (d / (d.abs().amax((1, 2, 3), keepdim=True) + 1e-8) + 1) / 2  # noqa: E731  delta -> [0, 1]
+    rows = [(xs + 1) / 2, (cs + 1) / 2, amp(cs - xs), (xt + 1) / 2, (ct + 1) / 2, amp(ct - xt), log_spectrum(xt),
+            log_spectrum(ct)]
+    save_image(torch.cat(rows).float().cpu(), path, nrow=len(xs), padding=1)
+
+
+def main(args):
+    t_start = time.time()
+    # ---- checks that need no data ------------------------------------------------------------------------------
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+    try:
+        betas = tuple(float(b) for b in args.betas.split(","))
+        assert len(betas) == 2
+    except (ValueError, AssertionError):
+        raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
+    if not 0 < args.linf <= 2:
+        raise UsageError("--linf must be in (0, 2] (pixels live in [-1, 1])")
+    if not 1 <= args.patch <= 32:
+        raise UsageError("--patch must be between 1 and the image size, 32")
+    if args.batch_size < 1 or args.log_every < 1 or args.eval_every < 0 or args.width < 1 or args.blocks < 0:
+        raise UsageError("--batch-size, --log-every, --width must be >= 1; --eval-every, --blocks >= 0")
+    if args.source_bn == "train" and args.batch_size < 2:
+        raise UsageError("--source-bn train needs --batch-size >= 2 (BatchNorm statistics)")
+
+    # TRY NOT TO MODIFY: seeding, device
+    device = setup_torch(args)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    f_s = build_backbone("dtn")
+    src, tgt = load_task(args.task, f_s.size, f_s.in_channels, device, args.data_dir, args.cache_dir,
+                         download=not args.no_download)
+    steps_per_epoch = max(1, min(len(src.train_x), len(tgt.train_x)) // args.batch_size)
+    steps = args.steps if args.steps is not None else max(1, round(args.epochs * steps_per_epoch))
+    source_steps = max(1, round(args.source_epochs * len(src.train_x) / args.batch_size))
+    if steps < 1:
+        raise UsageError("--steps must be >= 1")
+    ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
+
+    stage1 = dict(source=src.name, seed=args.seed, source_steps=source_steps, source_lr=args.source_lr,
+                  source_wd=args.source_wd, batch_size=args.batch_size)
+    ckpt = Path(args.source_ckpt) if args.source_ckpt else None
+    loaded = bool(ckpt and ckpt.exists())
+    if loaded:  # stage 1 done before: F_s from the cache file
+        try:
+            saved = torch.load(ckpt, map_location="cpu")
+            f_s.load_state_dict(saved["model"])
+        except (OSError, KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise DataError(f"could not load --source-ckpt {ckpt}: {e}; delete it to retrain")
+        diff = {k: (saved.get("stage1", {}).get(k), v) for k, v in stage1.items() if saved.get("stage1", {}).get(k) != v}
+        if diff:
+            raise UsageError(f"--source-ckpt {ckpt} was trained differently (saved vs this run: {diff}); "
+                             "use another path or delete it")
+
+    run_dir = make_run_dir(args.out, "calibrator", args.task, args.seed)
+    resolved = dict(vars(args), steps=steps, source_steps=source_steps, steps_per_epoch=steps_per_epoch,
+                    source=src.name, target=tgt.name)
+    atomic_write_json(resolved, run_dir / "args.json")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    print(f"calibrator {args.task} | {src} -> {tgt} | dtn {count_params(f_s):,} params | {device} | "
+          f"run folder {run_dir}", flush=True)
+
+    # ---- stage 1: source classifier F_s ------------------------------------------------------------------------
+    f_s = f_s.to(device)
+    if not loaded:
+        opt = torch.optim.Adam(f_s.parameters(), lr=args.source_lr, weight_decay=args.source_wd)
+        sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
+        progress, t0, loss_sum, n = Progress(source_steps), time.time(), torch.zeros((), device=device), 0
+        f_s.train()
+        for step in range(1, source_steps + 1):
+            idx = sampler.next()
+            loss = F.cross_entropy(f_s(to_float(src.train_x[idx])), src.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            n += 1
+            if step % (args.log_every * 5) == 0 or step == source_steps:
+                print("source " + progress.line(step, time.time() - t0, loss_y=loss_sum.item() / n), flush=True)
+                loss_sum.zero_()
+                n = 0
+        saved = {"model": f_s.state_dict(), "task": args.task, "stage1": stage1}
+        if not args.no_save_model:
+            atomic_torch_save(saved, run_dir / "source.pt")
+        if ckpt:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(saved, ckpt)
+            print(f"F_s saved to {ckpt}", flush=True)
+    else:
+        print(f"F_s loaded from {ckpt} (stage 1 skipped)", flush=True)
+    f_s.requires_grad_(False)  # frozen from here on: no parameter of F_s changes in stage 2
+    alone = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
+             "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
+    print(f"F_s alone: target {alone['target_acc']:.2f} source {alone['source_acc']:.2f}", flush=True)
+
+    # ---- stage 2: the calibrator and the two discriminators ----------------------------------------------------
+    g_c = Calibrator(3, args.width, args.blocks, args.linf, args.perturb, args.calib_dropout).to(device)
+    probe = torch.zeros(1, 3, 32, 32, device=device)
+    cost = {"calibrator_params": count_params(g_c), "classifier_params": count_params(f_s),
+            "calibrator_macs": count_macs(g_c, probe), "classifier_macs": count_macs(f_s, probe)}
+    cost["param_ratio"] = cost["calibrator_params"] / cost["classifier_params"]
+    cost["macs_ratio"] = cost["calibrator_macs"] / cost["classifier_macs"]
+    print(f"calibrator {cost['calibrator_params']:,} params ({100 * cost['param_ratio']:.1f}% of F_s), "
+          f"{cost['calibrator_macs'] / 1e6:.2f}M MACs/image ({100 * cost['macs_ratio']:.1f}% of F_s's "
+          f"{cost['classifier_macs'] / 1e6:.2f}M)", flush=True)
+    feat_dim = 10 if args.feat_input == "softmax" else f_s.feature_dim
+    d_feat = feature_discriminator(feat_dim).to(device)
+    d_pix = pixel_discriminator(args.patch, 3, args.pixel_hidden).to(device)
+    opt_g = torch.optim.Adam(g_c.parameters(), lr=args.lr, betas=betas)
+    opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), lr=args.lr, betas=betas)
+
+    def feat(x):  # D_feat's input: F_s's softmax output (official) or M_s's features
+        f = f_s.features(x)
+        return F.softmax(f_s.classifier(f), 1) if args.feat_input == "softmax" else f
+
+    feat_c = torch.compile(feat) if args.compile else feat
+    g_fwd = torch.compile(g_c) if args.compile else g_c
+    w = args.w_feat_source, args.w_feat_target, args.w_pix_source, args.w_pix_target
+    s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
+    t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
+    labels = group_labels(args.batch_size, device)
+    rng = random.Random(args.seed)  # patch locations (host side: no device sync)
+    progress, sums, n_window, t_loop, train_time = Progress(steps), torch.zeros(3, device=device), 0, time.time(), 0.0
+    g_c.train(), d_feat.train(), d_pix.train()
+    f_s.train(args.source_bn == "train")
+    for step in range(1, steps + 1):
+        # ALGO LOGIC
+        xs, xt = to_float(src.train_x[s_sampler.next()]), to_float(tgt.train_x[t_sampler.next()])
+        n = len(xs)
+        cal = g_fwd(torch.cat([xs, xt]))  # G3 = G_c(X_s), G4 = G_c(X_t)
+        with torch.no_grad():
+            f_real = feat_c(torch.cat([xs, xt]))  # G1, G2
+        f_cal = feat_c(cal)  # gradient flows through the frozen F_s into G_c
+        # one random patch location per step, the same for all four groups
+        top, left = rng.randrange(33 - args.patch), rng.randrange(33 - args.patch)
+        p_real = shuffled_patch(torch.cat([xs, xt]), top, left, args.patch, g)
+        p_cal = shuffled_patch(cal, top, left, args.patch, g)
+        y = torch.cat(labels)  # G1, G2, G3, G4
+
+        # discriminators (eqs. 5-6): 4-way cross entropy over G1..G4, calibrated images detached
+        loss_d = (F.cross_entropy(d_feat(torch.cat([f_real, f_cal.detach()])), y) +
+                  F.cross_entropy(d_pix(torch.cat([p_real, p_cal.detach()])), y))
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        # calibrator (eq. 7): D_feat and D_pixel should call G3 and G4 "source" (G1)
+        g1 = labels[0]
+        lf, lp = d_feat(f_cal), d_pix(p_cal)
+        loss_g = (w[0] * F.cross_entropy(lf[:n], g1) + w[1] * F.cross_entropy(lf[n:], g1) +
+                  w[2] * F.cross_entropy(lp[:n], g1) + w[3] * F.cross_entropy(lp[n:], g1))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+
+        # TRY NOT TO MODIFY: logging and evaluation
+        with torch.no_grad():
+            sums += torch.stack([loss_d.detach(), loss_g.detach(), (cal - torch.cat([xs, xt])).abs().amax()])
+        n_window += 1
+        if step % args.log_every == 0 or step == steps:
+            train_time += time.time() - t_loop
+            ld, lg, dmax = (sums / n_window).tolist()
+            print(progress.line(step, train_time, loss_d=ld, loss_g=lg, max_delta=dmax), flush=True)
+            log.write(step=step, loss_d=ld, loss_g=lg, max_abs_delta=dmax, steps_per_sec=step / max(train_time, 1e-9))
+            sums.zero_()
+            n_window, t_loop = 0, time.time()
+        if args.eval_every and step % args.eval_every == 0 and step != steps:
+            train_time += time.time() - t_loop
+            model = nn.Sequential(g_c, f_s)
+            rec = {"step": step, "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
+                   "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+            g_c.train(), f_s.train(args.source_bn == "train")  # accuracy() restores each module's own mode
+            log.write(**rec)
+            print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
+                  flush=True)
+            t_loop = time.time()
+
+    # ---- final calibrator's accuracy (no checkpoint selection) ---------------------------------------------------
+    model = nn.Sequential(g_c, f_s)
+    target_acc = accuracy(model, tgt.test_x, tgt.test_y, **ev)
+    source_acc = accuracy(model, src.test_x, src.test_y, **ev)
+    drifted = None
+    if args.source_bn == "train":  # F_s's BatchNorm statistics moved: F_s alone is no longer what it was
+        drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
+                   "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
+    log.write(step=steps, target_test_acc=target_acc, source_test_acc=source_acc)
+    log.close()
+    if args.grid_images:
+        k = args.grid_images
+        save_grid(g_c, to_float(src.test_x[:k]), to_float(tgt.test_x[:k]), run_dir / "calibration.png")
+    if not args.no_save_model:
+        atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": resolved},
+                          run_dir / "model.pt")
+    variant = "calibrator" + ("" if args.source_bn == "eval" else "+source-bn-train")
+    finish(run_dir, {
+        "method": "calibrator", "task": args.task, "variant": variant, "seed": args.seed, "steps": steps,
+        "epochs": round(steps / steps_per_epoch, 2), "source_steps": 0 if loaded else source_steps,
+        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
+        "source_model_alone": {k: round(v, 3) for k, v in alone.items()},
+        "source_model_alone_after_bn_drift": drifted,
+        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()},
+        "train_steps_per_sec": round(steps / max(train_time, 1e-9), 2),
+        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
+        "versions": versions()})
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
