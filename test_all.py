@@ -31,6 +31,7 @@ import calibrator  # noqa: E402
 import common  # noqa: E402
 import dann  # noqa: E402
 import gam  # noqa: E402
+import pixelda  # noqa: E402
 
 N_TRAIN, N_TEST = 60, 30
 
@@ -676,6 +677,72 @@ def test_calibrator_bad_flags(env, tmp_path):
         assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
         assert needle in res.stderr and "Traceback" not in res.stderr
         assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pixelda.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_pixelda_generator_output_has_the_targets_shape_and_range():
+    torch.manual_seed(0)
+    g_net = pixelda.Generator(3, 3, 32, noise_dim=10, blocks=2)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    z1, z2 = torch.rand(4, 10) * 2 - 1, torch.rand(4, 10) * 2 - 1
+    y = g_net(x, z1)
+    assert y.shape == (4, 3, 32, 32) and y.min() >= -1 and y.max() <= 1
+    assert not torch.allclose(y, g_net(x, z2))  # z matters
+    assert pixelda.Generator(3, 1, 32, blocks=1)(x, z1).shape == (4, 1, 32, 32)  # target channels
+
+
+def test_pixelda_pmse_ignores_a_constant_shift_and_the_unmasked_pixels():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    mask = torch.rand(3, 1, 8, 8, generator=g) > 0.5
+    base = pixelda.masked_pmse(a, b, mask)
+    assert base > 0.01
+    assert torch.allclose(pixelda.masked_pmse(a + 0.7, b, mask), base, atol=1e-6)
+    assert torch.allclose(pixelda.masked_pmse(a, b - 0.3, mask), base, atol=1e-6)
+    b2 = torch.where(mask, a, b)  # equal on the mask, different elsewhere
+    assert pixelda.masked_pmse(a, b2, mask).abs() < 1e-7 and pixelda.masked_pmse(a, a + 0.5, mask).abs() < 1e-6
+    # it equals the mean over masked pairs of ((a_i - a_j) - (b_i - b_j))^2 / 2, for one image
+    d = (a - b)[0][mask[0].expand(3, -1, -1)]
+    pairwise = ((d[:, None] - d[None, :]) ** 2).mean() / 2
+    assert torch.allclose(pixelda.masked_pmse(a[:1], b[:1], mask[:1]), pairwise, atol=1e-6)
+
+
+def test_pixelda_discriminator_noise_and_dropout_only_in_training():
+    torch.manual_seed(0)
+    d_net = pixelda.Discriminator(3, 32, noise=0.2, dropout=0.1)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    d_net.train()
+    assert not torch.equal(d_net(x), d_net(x))
+    d_net.eval()
+    out = d_net(x)
+    assert out.shape == (4,) and torch.equal(out, d_net(x))
+    assert [l.stride for l in [d_net.layers[0]] + [b[0] for b in d_net.layers[1:]]] == [(1, 1), (2, 2), (2, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("task,flags,variant", [("mnist-mnistm", [], "pixelda"),
+                                                ("mnist-usps", ["--private-conv"], "pixelda+private-conv"),
+                                                ("mnist-usps", ["--source-only"], "source-only")])
+def test_pixelda_smoke(task, flags, variant, env, tmp_path):
+    out = tmp_path / "runs"
+    res = run_script(["pixelda.py", "--task", task, "--steps", "40", "--batch-size", "8", "--res-blocks", "1",
+                      "--log-every", "10", "--eval-every", "20", "--grid-every", "20", "--lr-decay-steps", "10",
+                      "--no-download", "--out", str(out), *flags], env, HERE)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    run = next(out.iterdir())
+    assert json.loads((run / "summary.json").read_text()) == summary and SUMMARY_KEYS <= set(summary)
+    assert summary["variant"] == variant and summary["steps"] == 40
+    assert summary["source_acc"] > 20  # T learned something from the source labels in 40 steps
+    pngs = sorted(p.name for p in run.glob("*.png"))
+    assert pngs == ([] if variant == "source-only" else ["samples_0000020.png", "samples_0000040.png", "samples_final.png"])
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [l["lr"] for l in lines if "lr" in l]
+    assert lrs[0] == pytest.approx(1e-3 * 0.95) and lrs[-1] == pytest.approx(1e-3 * 0.95 ** 4)  # staircase decay
+    assert any("target_test_acc_curve" in l for l in lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,326 @@
+"""PixelDA: Unsupervised Pixel-Level Domain Adaptation with GANs (Bousmalis, Silberman, Dohan, Erhan, Krishnan, CVPR 2017).
+
+A generator G(x_s, z) renders labelled source images in the style of the target domain; a discriminator D tells
+rendered images from real target images; a task classifier T learns the labels from source images and from the
+rendered ones, and is then applied to target images. A content-similarity loss keeps G from changing the digits'
+shapes. Adaptation happens in pixel space: T is an ordinary classifier and G's output can be looked at.
+
+Implemented (defaults: the official MNIST->MNIST-M hyperparameters of the TensorFlow release):
+  * G: z ~ U[-1, 1]^10 projected by FC + BN + ReLU to one image-sized channel, concatenated to x_s; conv3x3-64 +
+    ReLU; 6 residual blocks (conv3x3-64-BN-ReLU-conv3x3-64-BN + skip); conv1x1 to the target's channels; tanh.
+  * D: conv3x3-64 stride 1 (no BN), then stride-2 conv3x3 blocks doubling the width (128, 256, 512 at 32x32) with
+    BN; LeakyReLU 0.2; during training, dropout 0.1 and Gaussian noise (sigma 0.2) on every hidden layer; one logit.
+  * T: the DANN MNIST network (`dann_mnist`, 32x32x3). `--private-conv` gives source images their own first conv
+    (the official task tower: private first layers for the two inputs, shared later layers).
+  * Losses: D and G play the standard (non-saturating) GAN game, weight 0.1356 (`--domain-weight`); T minimises
+    cross entropy on x_s and on G(x_s, z) (weights 1, 1); G also minimises `--task-in-g-weight` 0.0101 times T's
+    loss on its images and `--content-weight` 0.0113 times the masked pairwise mean squared error (PMSE) between
+    G(x_s, z) and x_s over the digit's foreground mask m. PMSE = mean_m(d^2) - mean_m(d)^2 with d = x_s - G(x_s, z)
+    over the masked pixels (all channels): it ignores a constant shift of the image, so G may change the colours
+    but must keep the shapes.
+  * Optimisation: Adam lr 1e-3, beta1 0.5, batch 32 per domain, lr x0.95 every 20k steps (staircase), gradient norm
+    clipped to 5, weight decay 1e-5 on G and T; one D+T step then one G step per iteration; weights ~ N(0, 0.02).
+    500k steps (the release's 16M examples / 32) is the paper-faithful default; a CPU needs `--steps` far shorter.
+  * `--source-only`: T trained on source images alone with the same optimiser (the paper's lower bound).
+
+Evaluation: the *final* T's accuracy on the target *test* split and the source *test* split (no checkpoint selection;
+the target accuracy is logged every `--eval-every` steps as a curve only). PNG grids (x_s; G(x_s, z) for several z;
+real target images) are written every `--grid-every` steps and at the end.
+
+Deviations, each a flag or stated here:
+  * Images are 32x32 with 3 channels for every task (MNIST / USPS replicated), pixels in [-1, 1].
+  * The foreground mask is x_s > `--mask-threshold` (in [-1, 1] units) on the source image's channel mean; for MNIST
+    digits this is the stroke. `--mask-threshold -2` uses every pixel.
+  * `--private-conv` is off by default: the paper describes one task classifier T for both inputs.
+
+Paper numbers (target accuracy): MNIST->MNIST-M 98.2 (source-only 63.6), MNIST->USPS 95.9 (source-only 78.9).
+Measured numbers: RESULTS.md.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
+                    atomic_write_json, build_backbone, count_params, default_data_dir, finish, load_task,
+                    make_run_dir, setup_torch, to_float, versions)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--task", default="mnist-mnistm", help=f"source-target pair: {', '.join(TASKS)}")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--steps", type=int, default=500_000, help="training iterations (official: 16M examples / 32)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile G, D and T")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    g.add_argument("--out", default="runs", help="parent folder of the run folder")
+    g.add_argument("--log-every", type=int, default=200, help="progress line + metrics.jsonl record every N steps")
+    g.add_argument("--eval-every", type=int, default=2000, help="log the target accuracy curve every N steps (0: end)")
+    g.add_argument("--grid-every", type=int, default=5000, help="write a PNG grid every N steps (0: only at the end)")
+    g.add_argument("--no-save-model", action="store_true", help="do not write model.pt")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
+    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
+    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
+    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    g = p.add_argument_group("method (defaults: the official MNIST->MNIST-M hyperparameters)")
+    g.add_argument("--source-only", action="store_true", help="train T on source images only (no G, no D)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per domain per step")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of G, D and T")
+    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    g.add_argument("--lr-decay", type=float, default=0.95, help="lr multiplier every --lr-decay-steps (staircase)")
+    g.add_argument("--lr-decay-steps", type=int, default=20_000, help="steps between lr decays")
+    g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip per network (0: none)")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay of G and T")
+    g.add_argument("--domain-weight", type=float, default=0.135603587834, help="weight of the GAN losses")
+    g.add_argument("--content-weight", type=float, default=0.0113173311334, help="weight of the masked PMSE in G")
+    g.add_argument("--task-in-g-weight", type=float, default=0.0100959947002, help="weight of T's loss in G's step")
+    g.add_argument("--noise-dim", type=int, default=10, help="dimension of z ~ U[-1, 1]")
+    g.add_argument("--res-blocks", type=int, default=6, help="residual blocks in G")
+    g.add_argument("--d-noise", type=float, default=0.2, help="std of D's Gaussian noise on hidden layers (training)")
+    g.add_argument("--d-dropout", type=float, default=0.1, help="D's dropout on hidden layers (training)")
+    g.add_argument("--mask-threshold", type=float, default=0.0, help="foreground: source pixels above this ([-1, 1])")
+    g.add_argument("--private-conv", action="store_true", help="T: a private first conv for source images")
+    return p.parse_args(argv)
+
+
+# ALGO LOGIC: the method's own pieces
+def init_weights(m):
+    """N(0, 0.02) weights, zero biases (official initialisation)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """G(x_s, z): noise channel + source image -> conv3x3-64 + ReLU -> residual blocks -> conv1x1 -> tanh."""
+
+    def __init__(self, in_ch=3, out_ch=3, size=32, noise_dim=10, blocks=6):
+        super().__init__()
+        self.size, self.noise_dim = size, noise_dim
+        self.project = nn.Sequential(nn.Linear(noise_dim, size * size), nn.BatchNorm1d(size * size), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_ch + 1, 64, 3, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64, momentum=0.1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64, momentum=0.1)) for _ in range(blocks))
+        self.head = nn.Sequential(nn.Conv2d(64, out_ch, 1), nn.Tanh())
+
+    def forward(self, x, z):
+        h = self.stem(torch.cat([x, self.project(z).view(-1, 1, self.size, self.size)], 1))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+class Discriminator(nn.Module):
+    """conv3x3-64 (stride 1, no BN) and stride-2 conv3x3 blocks with BN, LeakyReLU 0.2, down to 4x4; one logit.
+    In training mode every hidden layer gets dropout and additive Gaussian noise (off in eval mode)."""
+
+    def __init__(self, in_ch=3, size=32, noise=0.2, dropout=0.1):
+        super().__init__()
+        layers, ch = [nn.Conv2d(in_ch, 64, 3, padding=1)], 64
+        while size > 4:
+            layers += [nn.Sequential(nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), nn.BatchNorm2d(2 * ch))]
+            ch, size = 2 * ch, size // 2
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(ch * size * size, 1)
+        self.noise, self.drop = noise, nn.Dropout(dropout)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = F.leaky_relu(layer(x), 0.2)
+            if self.training:
+                x = self.drop(x) + self.noise * torch.randn_like(x)
+        return self.fc(x.flatten(1)).squeeze(1)
+
+
+def masked_pmse(a, b, mask):
+    """Masked pairwise mean squared error per image, averaged over the batch: with d = a - b over the masked
+    pixels (all channels), mean(d^2) - mean(d)^2 (= the mean over masked pairs (i, j) of ((a_i - a_j) - (b_i -
+    b_j))^2 / 2). Zero when the masked images match, unchanged when a constant is added to either image.
+    mask: [N, 1, H, W] of 0/1, broadcast over channels."""
+    m = mask.expand_as(a).float()
+    k = m.sum((1, 2, 3)).clamp_min(1.0)
+    d = (a - b) * m
+    return (d.pow(2).sum((1, 2, 3)) / k - (d.sum((1, 2, 3)) / k).pow(2)).mean()
+
+
+def task_logits(t_net, x, first_conv=None):
+    """T(x); `first_conv` replaces T's first conv (the private tower for source images)."""
+    h = (first_conv or t_net.features[0])(x)
+    for layer in list(t_net.features)[1:]:
+        h = layer(h)
+    return t_net.classifier(h)
+
+
+def clip_and_step(opt, params, clip):
+    if clip > 0:
+        nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def save_grid(g_net, xs, xt, noise_dim, path, n_z=3, generator=None):
+    """Rows: x_s; G(x_s, z) for n_z noise vectors; real target images."""
+    from torchvision.utils import save_image
+
+    was_training = g_net.training
+    g_net.eval()
+    rows = [xs]
+    with torch.inference_mode():
+        for _ in range(n_z):
+            z = torch.rand(len(xs), noise_dim, device=xs.device, generator=generator) * 2 - 1
+            rows.append(g_net(xs, z))
+    rows.append(xt)
+    g_net.train(was_training)
+    save_image((torch.cat(rows).float().cpu() + 1) / 2, path, nrow=len(xs), padding=1)
+
+
+def main(args):
+    t_start = time.time()
+    # ---- checks that need no data ------------------------------------------------------------------------------
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+    if args.steps < 1 or args.batch_size < 2 or args.log_every < 1 or args.lr_decay_steps < 1:
+        raise UsageError("--steps, --log-every, --lr-decay-steps must be >= 1 and --batch-size >= 2 (BatchNorm)")
+    if args.eval_every < 0 or args.grid_every < 0 or args.noise_dim < 1 or args.res_blocks < 0:
+        raise UsageError("--eval-every, --grid-every, --res-blocks must be >= 0 and --noise-dim >= 1")
+    if args.source_only and args.private_conv:
+        raise UsageError("--private-conv needs translated images; --source-only has none")
+
+    # TRY NOT TO MODIFY: seeding, device
+    device = setup_torch(args)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    t_net = build_backbone("dann_mnist")
+    src, tgt = load_task(args.task, t_net.size, t_net.in_channels, device, args.data_dir, args.cache_dir,
+                         download=not args.no_download)
+    variant = "source-only" if args.source_only else "pixelda" + ("+private-conv" if args.private_conv else "")
+    run_dir = make_run_dir(args.out, "pixelda", args.task, args.seed)
+    atomic_write_json(dict(vars(args), variant=variant, source=src.name, target=tgt.name), run_dir / "args.json")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    # ---- models -------------------------------------------------------------------------------------------------
+    ch, size = t_net.in_channels, t_net.size
+    g_net = Generator(ch, ch, size, args.noise_dim, args.res_blocks)
+    d_net = Discriminator(ch, size, args.d_noise, args.d_dropout)
+    for net in (g_net, d_net, t_net):
+        net.apply(init_weights)
+    t_net, g_net, d_net = t_net.to(device), g_net.to(device), d_net.to(device)
+    private = nn.Conv2d(ch, t_net.features[0].out_channels, t_net.features[0].kernel_size).to(device) \
+        if args.private_conv else None
+    if private is not None:
+        private.apply(init_weights)
+    t_params = list(t_net.parameters()) + (list(private.parameters()) if private is not None else [])
+    adam = dict(lr=args.lr, betas=(args.beta1, 0.999))
+    opt_t = torch.optim.Adam(t_params, weight_decay=args.weight_decay, **adam)
+    opt_d = torch.optim.Adam(d_net.parameters(), **adam)
+    opt_g = torch.optim.Adam(g_net.parameters(), weight_decay=args.weight_decay, **adam)
+    opts = (opt_t,) if args.source_only else (opt_t, opt_d, opt_g)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, args.lr_decay_steps, args.lr_decay) for o in opts]
+    print(f"pixelda {args.task} ({variant}) | {src} -> {tgt} | T {count_params(t_net):,} G {count_params(g_net):,} "
+          f"D {count_params(d_net):,} params | {device} | run folder {run_dir}", flush=True)
+    g_fwd = torch.compile(g_net) if args.compile else g_net
+    d_fwd = torch.compile(d_net) if args.compile else d_net
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
+    t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
+    ones = torch.ones(args.batch_size, device=device)
+    zeros = torch.zeros(args.batch_size, device=device)
+    grid_xs, grid_xt = to_float(src.test_x[:8]), to_float(tgt.test_x[:8])
+    progress, sums, n_window, t_loop, train_time = Progress(args.steps), torch.zeros(5, device=device), 0, time.time(), 0.0
+    t_net.train(), g_net.train(), d_net.train()
+    for step in range(1, args.steps + 1):
+        # ALGO LOGIC
+        idx = s_sampler.next()
+        xs, ys = to_float(src.train_x[idx]), src.train_y[idx]
+        if args.source_only:
+            loss_t = F.cross_entropy(t_net(xs), ys)
+            opt_t.zero_grad(set_to_none=True)
+            loss_t.backward()
+            clip_and_step(opt_t, t_params, args.clip)
+            loss_d = loss_g = loss_c = acc_fake = torch.zeros((), device=device)
+        else:
+            xt = to_float(tgt.train_x[t_sampler.next()])
+            z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
+            fake = g_fwd(xs, z)
+
+            # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
+            loss_d = args.domain_weight * (F.binary_cross_entropy_with_logits(d_fwd(xt), ones) +
+                                           F.binary_cross_entropy_with_logits(d_fwd(fake.detach()), zeros))
+            logits_fake = task_logits(t_net, fake.detach())
+            loss_t = F.cross_entropy(task_logits(t_net, xs, private), ys) + F.cross_entropy(logits_fake, ys)
+            opt_d.zero_grad(set_to_none=True)
+            opt_t.zero_grad(set_to_none=True)
+            (loss_d + loss_t).backward()
+            clip_and_step(opt_d, d_net.parameters(), args.clip)
+            clip_and_step(opt_t, t_params, args.clip)
+
+            # G step: fool D, keep the foreground's shape (masked PMSE), keep the class for T
+            mask = (xs.mean(1, keepdim=True) > args.mask_threshold)
+            loss_g = args.domain_weight * F.binary_cross_entropy_with_logits(d_fwd(fake), ones)
+            loss_c = masked_pmse(fake, xs, mask)
+            loss_gt = F.cross_entropy(task_logits(t_net, fake), ys)
+            opt_g.zero_grad(set_to_none=True)
+            (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward()
+            clip_and_step(opt_g, g_net.parameters(), args.clip)
+            acc_fake = (logits_fake.argmax(1) == ys).float().mean()
+        for s in scheds:
+            s.step()
+
+        # TRY NOT TO MODIFY: logging, curves, grids
+        sums += torch.stack([loss_t.detach(), loss_d.detach(), loss_g.detach(), loss_c.detach(), acc_fake])
+        n_window += 1
+        if step % args.log_every == 0 or step == args.steps:
+            train_time += time.time() - t_loop
+            lt, ld, lg, lc, af = (sums / n_window).tolist()
+            lr = opts[0].param_groups[0]["lr"]
+            print(progress.line(step, train_time, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, lr=lr), flush=True)
+            log.write(step=step, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, t_acc_on_fake=af, lr=lr,
+                      steps_per_sec=step / max(train_time, 1e-9))
+            sums.zero_()
+            n_window, t_loop = 0, time.time()
+        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
+            train_time += time.time() - t_loop
+            rec = {"step": step, "target_test_acc_curve": accuracy(t_net, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp),
+                   "source_test_acc": accuracy(t_net, src.test_x, src.test_y, args.eval_batch_size, args.amp)}
+            log.write(**rec)
+            print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
+                  flush=True)
+            t_loop = time.time()
+        if not args.source_only and args.grid_every and step % args.grid_every == 0:
+            save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / f"samples_{step:07d}.png")
+
+    # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
+    target_acc = accuracy(t_net, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)
+    source_acc = accuracy(t_net, src.test_x, src.test_y, args.eval_batch_size, args.amp)
+    log.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
+    log.close()
+    if not args.source_only:
+        save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png")
+    if not args.no_save_model:
+        atomic_torch_save({"task_net": t_net.state_dict(), "generator": g_net.state_dict(),
+                           "discriminator": d_net.state_dict(), "args": vars(args)}, run_dir / "model.pt")
+    finish(run_dir, {
+        "method": "pixelda", "task": args.task, "variant": variant, "seed": args.seed, "steps": args.steps,
+        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
+        "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
+        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
+        "versions": versions()})
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
