@@ -31,6 +31,7 @@ import calibrator  # noqa: E402
 import common  # noqa: E402
 import dann  # noqa: E402
 import gam  # noqa: E402
+import i2i_adapt  # noqa: E402
 import pixelda  # noqa: E402
 
 N_TRAIN, N_TEST = 60, 30
@@ -743,6 +744,103 @@ def test_pixelda_smoke(task, flags, variant, env, tmp_path):
     lrs = [l["lr"] for l in lines if "lr" in l]
     assert lrs[0] == pytest.approx(1e-3 * 0.95) and lrs[-1] == pytest.approx(1e-3 * 0.95 ** 4)  # staircase decay
     assert any("target_test_acc_curve" in l for l in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# i2i_adapt.py
+# ----------------------------------------------------------------------------------------------------------------
+
+I2I_DEFAULT = {"c": 1.0, "z": 0.05, "tr": 0.02, "id_x": 0.1, "id_y": 0.1, "cyc": 0.1, "trc": 0.1}
+
+
+def _only(**on):
+    return {k: on.get(k, 0.0) for k in I2I_DEFAULT}
+
+
+def _grads(module):
+    return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def test_i2i_feature_adversarial_loss_reaches_the_encoder_through_target_images_only():
+    torch.manual_seed(0)
+    nets = i2i_adapt.build_networks(_only(c=1.0, z=1.0))
+    xt, ys = torch.rand(8, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (8,))
+    grads = []
+    for xs in (torch.rand(8, 1, 32, 32) * 2 - 1, torch.rand(8, 1, 32, 32) * 2 - 1):  # two different source batches
+        nets.zero_grad(set_to_none=True)
+        terms, _, _ = i2i_adapt.generator_losses(nets, xs, ys, xt, _only(c=1.0, z=1.0))
+        terms["z"].backward()
+        grads.append(_grads(nets["enc"]))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[0])  # target features do move the encoder
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # ... and source images play no part in it
+
+
+def test_i2i_translation_classification_never_trains_the_translator():
+    torch.manual_seed(0)
+    lam = _only(c=1.0, trc=1.0)
+    nets = i2i_adapt.build_networks(lam)
+    assert "dec_y" in nets and "dec_x" not in nets and "d_x" not in nets  # g_y exists only to translate
+    terms, x2y, _ = i2i_adapt.generator_losses(nets, torch.rand(8, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (8,)),
+                                               torch.rand(8, 1, 32, 32) * 2 - 1, lam)
+    terms["trc"].backward()
+    assert all(p.grad is None for k in ("dec", "dec_y") for p in nets[k].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for k in ("enc", "cls") for p in nets[k].parameters())
+
+
+def test_i2i_gradient_penalty_matches_the_closed_form_on_a_linear_critic():
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    real, fake = torch.randn(16, 3, 2, 2), torch.randn(16, 3, 2, 2)
+    w_norm = critic[1].weight.norm()
+    assert torch.allclose(i2i_adapt.gradient_penalty(critic, real, fake), (w_norm - 1) ** 2, atol=1e-6)
+    with torch.no_grad():
+        critic[1].weight.div_(w_norm)  # unit-norm gradient everywhere: no penalty
+    assert i2i_adapt.gradient_penalty(critic, real, fake).abs() < 1e-10
+
+
+@pytest.mark.parametrize("off,gone", [("z", {"d_z"}), ("tr", {"d_x", "d_y"}), ("id_x", set()), ("cyc", set()),
+                                      ("trc", set())])
+def test_i2i_a_zero_lambda_switches_its_term_and_networks_off(off, gone):
+    lam = dict(I2I_DEFAULT, **{off: 0.0})
+    nets = i2i_adapt.build_networks(lam)
+    assert gone.isdisjoint(nets.keys()) and set(nets.keys()) | gone == {"enc", "cls", "dec", "dec_x", "dec_y", "d_z", "d_x",
+                                                                        "d_y"}
+    terms, _, _ = i2i_adapt.generator_losses(nets, torch.rand(4, 1, 32, 32), torch.randint(0, 10, (4,)),
+                                             torch.rand(4, 1, 32, 32), lam)
+    assert off not in terms and set(terms) == {k for k, v in lam.items() if v > 0}
+    # source only: nothing but the encoder and the classifier is built or run
+    assert set(i2i_adapt.build_networks(_only(c=1.0)).keys()) == {"enc", "cls"}
+    # the best ablation (z + id_y + trc) needs no image critics and no source decoder
+    assert set(i2i_adapt.build_networks(_only(c=1.0, z=0.05, id_y=0.1, trc=0.1)).keys()) == {"enc", "cls", "dec", "dec_y",
+                                                                                           "d_z"}
+
+
+@pytest.mark.parametrize("flags,variant", [([], "full"),
+                                           (["--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-cyc", "0"], "c+z+id_y+trc"),
+                                           (["--lambda-z", "0", "--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-id-y",
+                                             "0", "--lambda-cyc", "0", "--lambda-trc", "0"], "source-only")])
+def test_i2i_smoke(flags, variant, env, tmp_path):
+    out = tmp_path / "runs"
+    res = run_script(["i2i_adapt.py", "--task", "usps-mnist", "--steps", "30", "--batch-size", "16", "--log-every", "10",
+                      "--eval-every", "15", "--lr", "1e-3", "--no-download", "--out", str(out), *flags], env, HERE)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    run = next(out.iterdir())
+    assert json.loads((run / "summary.json").read_text()) == summary and SUMMARY_KEYS <= set(summary)
+    assert summary["variant"] == variant and summary["source_acc"] > 20
+    assert (run / "translations.png").stat().st_size > 500
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("target_test_acc_curve" in l for l in lines)
+    assert all(l["Q_critic"] == 0 for l in lines if "Q_critic" in l) == (variant == "source-only")
+
+
+def test_i2i_bad_flags(env, tmp_path):
+    for flags, needle in ((["--lambda-c", "0", "--lambda-trc", "0"], "untrained"), (["--lambda-z", "-1"], ">= 0"),
+                          (["--critic-steps", "0"], "--critic-steps")):
+        res = run_script(["i2i_adapt.py", "--no-download", "--out", str(tmp_path / "r"), *flags], env, HERE)
+        assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert needle in res.stderr and "Traceback" not in res.stderr
+        assert not (tmp_path / "r").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
