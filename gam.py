@@ -234,6 +234,8 @@ def main(args):
         variant = "adda+drift" if drift_w > 0 else "adda"
     else:
         variant = ("gam" if drift_w > 0 else "gam-no-drift") + ("" if gaussian_init else "-no-gaussian-init")
+        if (layers, weights) != (["relu3", "fc4"], [0.1, 1.0]):  # not the paper's matched layers / weights
+            variant += " (" + ", ".join(f"{k} {w:g}" for k, w in zip(layers, weights)) + ")"
 
     # TRY NOT TO MODIFY: seeding, device
     device = setup_torch(args)
