@@ -647,12 +647,13 @@ def test_calibrator_macs_and_params_match_closed_forms():
 
 
 @pytest.mark.parametrize("source_bn", ["eval", "train"])
-def test_calibrator_smoke_keeps_the_source_classifier_frozen(source_bn, env, tmp_path):
+def test_calibrator_smoke_keeps_the_source_classifier_frozen(source_bn, env, tmp_path, tmp_path_factory):
     out = tmp_path / "runs"
+    ckpt = tmp_path_factory.getbasetemp() / "calibrator_fs.pt"  # the second run reuses the first one's F_s
     res = run_script(["calibrator.py", "--task", "mnist-usps", "--source-epochs", "20", "--source-lr", "1e-3", "--steps", "12",
                       "--batch-size", "16", "--width", "2", "--blocks", "1", "--log-every", "4", "--eval-every", "8",
                       "--source-bn", source_bn, "--no-download", "--out", str(out), "--source-ckpt",
-                      str(tmp_path / "fs.pt")], env, HERE)
+                      str(ckpt)], env, HERE)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     run = next(out.iterdir())
@@ -660,7 +661,7 @@ def test_calibrator_smoke_keeps_the_source_classifier_frozen(source_bn, env, tmp
     assert summary["steps"] == 12 and summary["source_model_alone"]["source_acc"] >= 60  # stage 1 learned
     assert (run / "calibration.png").stat().st_size > 1000
     assert 0 < summary["cost"]["param_ratio"] < 0.01 and summary["cost"]["calibrator_macs"] > 0
-    before = torch.load(run / "source.pt")["model"]
+    before = torch.load(ckpt)["model"]  # F_s as stage 1 left it
     after = torch.load(run / "model.pt")["source_model"]
     params = {k for k, _ in common.dtn().named_parameters()}
     assert all(torch.equal(before[k], after[k]) for k in params)  # F_s's parameters: bit-identical
