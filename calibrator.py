@@ -356,6 +356,7 @@ def main(args):
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
     labels = group_labels(args.batch_size, device)
+    y = torch.cat(labels)  # the group of every row of [G1; G2; G3; G4], the same each step
     rng = random.Random(args.seed)  # patch locations (host side: no device sync)
     progress, sums, n_window, t_loop, train_time = Progress(steps), torch.zeros(3, device=device), 0, time.time(), 0.0
     g_c.train(), d_feat.train(), d_pix.train()
@@ -363,16 +364,15 @@ def main(args):
     for step in range(1, steps + 1):
         # ALGO LOGIC
         xs, xt = to_float(src.train_x[s_sampler.next()]), to_float(tgt.train_x[t_sampler.next()])
-        n = len(xs)
-        cal = g_fwd(torch.cat([xs, xt]))  # G3 = G_c(X_s), G4 = G_c(X_t)
+        n, x = len(xs), torch.cat([xs, xt])  # G1, G2
+        cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
         with torch.no_grad():
-            f_real = feat_c(torch.cat([xs, xt]))  # G1, G2
+            f_real = feat_c(x)
         f_cal = feat_c(cal)  # gradient flows through the frozen F_s into G_c
         # one random patch location per step, the same for all four groups
         top, left = rng.randrange(33 - args.patch), rng.randrange(33 - args.patch)
-        p_real = shuffled_patch(torch.cat([xs, xt]), top, left, args.patch, g)
+        p_real = shuffled_patch(x, top, left, args.patch, g)
         p_cal = shuffled_patch(cal, top, left, args.patch, g)
-        y = torch.cat(labels)  # G1, G2, G3, G4
 
         # discriminators (eqs. 5-6): 4-way cross entropy over G1..G4, calibrated images detached
         loss_d = (F.cross_entropy(d_feat(torch.cat([f_real, f_cal.detach()])), y) +
@@ -392,7 +392,7 @@ def main(args):
 
         # TRY NOT TO MODIFY: logging and evaluation
         with torch.no_grad():
-            sums += torch.stack([loss_d.detach(), loss_g.detach(), (cal - torch.cat([xs, xt])).abs().amax()])
+            sums += torch.stack([loss_d.detach(), loss_g.detach(), (cal - x).abs().amax()])
         n_window += 1
         if step % args.log_every == 0 or step == steps:
             train_time += time.time() - t_loop
