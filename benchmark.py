@@ -95,6 +95,24 @@ def fill(flags, task, seed):
     return [f.replace("{task}", task).replace("{seed}", str(seed)) for f in flags]
 
 
+# Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
+EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
+              "source_model_alone_after_bn_drift", "cost")
+
+
+def merge_seeds(row, new):
+    """A stored row's per-seed results plus the new runs (a re-run seed replaces its old result), sorted by seed."""
+    by_seed = {}
+    for i, s in enumerate(row["seeds"]):
+        r = {"seed": s, "target_acc": row["target_acc"][i], "source_acc": row["source_acc"][i],
+             "seconds": row["seconds"][i], "command": row["commands"][i], "device": row["device"],
+             "variant": row["variant"], "steps": row["steps"]}
+        r.update({k: v[i] for k, v in row.get("extra", {}).items()})
+        by_seed[s] = r
+    by_seed.update({r["seed"]: r for r in new})
+    return [by_seed[s] for s in sorted(by_seed)]
+
+
 def run_one(method, task, seed, extra, threads, out):
     extra = fill(extra, task, seed)
     cmd = [sys.executable, str(HERE / f"{method}.py"), "--task", task, "--seed", str(seed), "--out", out]
@@ -127,6 +145,34 @@ def mean_std(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
+def tradeoff_table(rows):
+    """Rows whose runs report the frozen source model alone (calibrator.py): the paper's Figure 2 trade-off (source
+    and target accuracy without and with the calibrator) and its Table 3 cost (calibrator size relative to F_s)."""
+    rows = [r for r in rows if any(r.get("extra", {}).get("source_model_alone") or [])]
+    if not rows:
+        return []
+    out = ["", "## Calibrator: accuracy trade-off and cost", "",
+           "F_s alone is the frozen source classifier before stage 2 (same seed); F_s∘G_c is it behind the final",
+           "calibrator. The source change is F_s∘G_c minus F_s alone on the source test split, per seed, then averaged.",
+           "With `--source-bn train`, *F_s alone after drift* is F_s with the BatchNorm statistics stage 2 left in it.",
+           "", "| task | variant | steps | seeds | F_s alone: target | F_s alone: source | F_s∘G_c: target | "
+           "F_s∘G_c: source | source change | F_s alone after drift: target / source | G_c params (% of F_s) | "
+           "G_c MACs/image (% of F_s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        alone, ex = r["extra"]["source_model_alone"], r["extra"]
+        drift = [d for d in ex.get("source_model_alone_after_bn_drift") or [] if d]
+        cost = next(c for c in ex["cost"] if c)
+        delta = [s - a["source_acc"] for s, a in zip(r["source_acc"], alone)]
+        drift_s = (f"{mean_std([d['target_acc'] for d in drift])} / {mean_std([d['source_acc'] for d in drift])}"
+                   if drift else "—")
+        out.append(f"| {r['task']} | {r['variant']} | {r['steps']} | {len(r['seeds'])} | "
+                   f"{mean_std([a['target_acc'] for a in alone])} | {mean_std([a['source_acc'] for a in alone])} | "
+                   f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {mean_std(delta)} | {drift_s} | "
+                   f"{cost['calibrator_params']:,} ({100 * cost['param_ratio']:.2f}%) | "
+                   f"{cost['calibrator_macs'] / 1e6:.2f}M ({100 * cost['macs_ratio']:.1f}%) |")
+    return out
+
+
 def render(store, path):
     rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], r["variant"], r["steps"]))
     out = [
@@ -150,6 +196,7 @@ def render(store, path):
     for r in rows:
         per = ", ".join(f"seed {s}: {a:.2f}" for s, a in zip(r["seeds"], r["target_acc"]))
         out.append(f"- {r['method']} {r['task']} {r['variant']} ({r['steps']} steps): {per}")
+    out += tradeoff_table(rows)
     out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
     out += [f"- {note}" for note in store.get("notes", [])] + ([""] if store.get("notes") else [])
     if store.get("overhead"):
@@ -261,12 +308,17 @@ def main():
         cmd += f" --threads {threads}" if "--threads" not in args.extra else ""
         cmd += "".join(" " + (e if "$s" in e else shlex.quote(e)) for e in fill(args.extra, t, "$s")) + "; done"
         key = f"{m}|{t}|{flags}"
+        old = store["rows"].get(key)
+        if old is not None and old["steps"] == rs[0]["steps"]:  # same flags, other seeds measured before: merge
+            rs = merge_seeds(old, rs)
+            seeds = " ".join(str(r["seed"]) for r in rs)
+            cmd = f"for s in {seeds}; do" + cmd.split("; do", 1)[1]
         store["rows"][key] = {
             "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": flags, "steps": rs[0]["steps"],
             "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],
             "source_acc": [r["source_acc"] for r in rs], "seconds": [r["seconds"] for r in rs],
             "device": rs[0]["device"], "command": cmd, "commands": [r["command"] for r in rs],
-            "extra": {k: [r.get(k) for r in rs] for k in ("source_val_err", "domain_err", "train_steps_per_sec")},
+            "extra": {k: [r.get(k) for r in rs] for k in EXTRA_KEYS},
         }
         print(f"{m} {t} {rs[0].get('variant', '')}: target {mean_std(store['rows'][key]['target_acc'])} "
               f"source {mean_std(store['rows'][key]['source_acc'])}", flush=True)

@@ -40,9 +40,10 @@ target images, their calibrated versions, delta amplified, and the log-magnitude
 Deviations, each a flag or stated here:
   * `--source-bn eval` (default): F_s is truly frozen (eval mode, so its BatchNorm statistics and dropout do not
     change), as the paper describes. The official code leaves F_s in train mode during stage 2, so its BatchNorm
-    running statistics drift towards the target and calibrated batches (an implicit AdaBN) and its dropout is on:
-    `--source-bn train` reproduces that (its parameters still never change; summary.json then also reports F_s
-    alone with the drifted statistics).
+    running statistics drift towards the target and calibrated batches (an implicit AdaBN), its dropout is on, and
+    each of the four groups goes through F_s in its own forward pass, so during training every group is normalised
+    with its own batch statistics: `--source-bn train` reproduces all three (F_s's parameters still never change;
+    summary.json then also reports F_s alone with the drifted statistics).
   * The official generator ends in Dropout(0.05) on the perturbation: kept (`--calib-dropout`).
   * The configs' `resolution` entry (16 / 32 / 16) is not used: its role is not documented.
   * No CycleGAN-stylised source (the paper's best rows): the issue asks for the calibrator alone.
@@ -350,6 +351,10 @@ def main(args):
         f = f_s.features(x)
         return F.softmax(f_s.classifier(f), 1) if args.feat_input == "softmax" else f
 
+    def feat_groups(x):  # F_s in train mode normalises each group with its own batch statistics, as the official
+        # code (one forward per group); in eval mode the groups do not interact and one forward is the same thing
+        return torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" else feat_c(x)
+
     feat_c = torch.compile(feat) if args.compile else feat
     g_fwd = torch.compile(g_c) if args.compile else g_c
     w = args.w_feat_source, args.w_feat_target, args.w_pix_source, args.w_pix_target
@@ -367,8 +372,8 @@ def main(args):
         n, x = len(xs), torch.cat([xs, xt])  # G1, G2
         cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
         with torch.no_grad():
-            f_real = feat_c(x)
-        f_cal = feat_c(cal)  # gradient flows through the frozen F_s into G_c
+            f_real = feat_groups(x)
+        f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
         # one random patch location per step, the same for all four groups
         top, left = rng.randrange(33 - args.patch), rng.randrange(33 - args.patch)
         p_real = shuffled_patch(x, top, left, args.patch, g)

@@ -875,6 +875,32 @@ def test_benchmark_rendering_keeps_paper_numbers():
     assert "75.00 ± 7.07" in md and "76.66" in md and "99.00 ± 0.00" in md
 
 
+
+def test_benchmark_merges_seeds_and_renders_the_calibrator_tradeoff(tmp_path):
+    def run(seed, acc):
+        return {"seed": seed, "target_acc": acc, "source_acc": 96.0 + seed, "seconds": 60, "command": f"c{seed}",
+                "device": "cpu", "variant": "calibrator", "steps": 7, "epochs": 1.0,
+                "source_model_alone": {"target_acc": 70.0, "source_acc": 96.5},
+                "cost": {"calibrator_params": 10, "classifier_params": 200, "param_ratio": 0.05,
+                         "calibrator_macs": 1e6, "classifier_macs": 4e6, "macs_ratio": 0.25}}
+
+    keys = benchmark.EXTRA_KEYS
+    row = {"seeds": [0, 2], "target_acc": [90.0, 92.0], "source_acc": [96.0, 98.0], "seconds": [60, 60],
+           "commands": ["c0", "c2"], "device": "cpu", "variant": "calibrator", "steps": 7,
+           "extra": {k: [run(0, 90.0).get(k), run(2, 92.0).get(k)] for k in keys}}
+    merged = benchmark.merge_seeds(row, [run(1, 91.0), run(2, 95.0)])  # seed 2 re-run replaces the stored one
+    assert [r["seed"] for r in merged] == [0, 1, 2] and [r["target_acc"] for r in merged] == [90.0, 91.0, 95.0]
+    assert merged[0]["source_model_alone"]["target_acc"] == 70.0
+    store = {"hardware": "x", "rows": {"k": {
+        "method": "calibrator", "task": "usps-mnist", "variant": "calibrator", "steps": 7, "seeds": [0, 1, 2],
+        "target_acc": [r["target_acc"] for r in merged], "source_acc": [r["source_acc"] for r in merged],
+        "seconds": [60] * 3, "device": "cpu", "command": "c", "extra": {k: [r.get(k) for r in merged] for k in keys}}}}
+    benchmark.render(store, tmp_path / "R.md")
+    md = (tmp_path / "R.md").read_text()
+    # source change per seed: 96-96.5, 97-96.5, 98-96.5 -> mean 0.5; ratios as percentages
+    assert "## Calibrator: accuracy trade-off and cost" in md and "| 0.50 ± 1.00 |" in md
+    assert "10 (5.00%)" in md and "1.00M (25.0%)" in md and "70.00 ± 0.00" in md
+
 # ----------------------------------------------------------------------------------------------------------------
 # real data (CI has it in ../shared/data)
 # ----------------------------------------------------------------------------------------------------------------
