@@ -97,7 +97,21 @@ def fill(flags, task, seed):
 
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
-              "source_model_alone_after_bn_drift", "cost")
+              "source_model_alone_after_bn_drift", "cost", "curve")
+
+
+def read_curve(run_dir):
+    """[[step, target test accuracy], ...] from a run's metrics.jsonl: the logged curve points plus the final one."""
+    path = Path(run_dir or "") / "metrics.jsonl"
+    if not run_dir or not path.exists():
+        return None
+    curve = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        for k in ("target_test_acc_curve", "target_test_acc"):
+            if k in rec:
+                curve.append([rec["step"], round(rec[k], 2)])
+    return curve or None
 
 
 def merge_seeds(row, new):
@@ -134,7 +148,8 @@ def run_one(method, task, seed, extra, threads, out):
     summary = json.loads(lines[-1])
     print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']:.2f} "
           f"source {summary['source_acc']:.2f}", flush=True)
-    return dict(summary, command=shown)
+    run_dir = summary.get("run_dir")
+    return dict(summary, command=shown, curve=read_curve(HERE / run_dir if run_dir else None))
 
 
 def mean_std(values):
@@ -173,6 +188,28 @@ def tradeoff_table(rows):
     return out
 
 
+def curve_table(rows, points=12):
+    """Target test accuracy during training (the scripts log it as a curve only; nothing is selected on it), mean
+    over the seeds that logged the same steps, at most `points` points per row."""
+    out = []
+    for r in rows:
+        curves = [c for c in r.get("extra", {}).get("curve") or [] if c]
+        if not curves or any([p[0] for p in c] != [p[0] for p in curves[0]] for c in curves):
+            continue
+        steps = [p[0] for p in curves[0]]
+        keep = sorted({round(i * (len(steps) - 1) / (points - 1)) for i in range(points)}) if len(steps) > points \
+            else range(len(steps))
+        mean = [statistics.mean(c[i][1] for c in curves) for i in keep]
+        out.append(f"| {r['method']} | {r['task']} | {r['variant']} | {len(curves)} | "
+                   + " · ".join(f"{steps[i]}: {m:.1f}" for i, m in zip(keep, mean)) + " |")
+    if not out:
+        return []
+    return ["", "## Target accuracy during training", "",
+            "Target test accuracy logged every `--eval-every` steps (a curve only: the reported number is always the",
+            "final model's), mean over seeds, as `step: accuracy`.", "",
+            "| method | task | variant | seeds | curve |", "|---|---|---|---|---|"] + out
+
+
 def render(store, path):
     rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], r["variant"], r["steps"]))
     out = [
@@ -196,7 +233,7 @@ def render(store, path):
     for r in rows:
         per = ", ".join(f"seed {s}: {a:.2f}" for s, a in zip(r["seeds"], r["target_acc"]))
         out.append(f"- {r['method']} {r['task']} {r['variant']} ({r['steps']} steps): {per}")
-    out += tradeoff_table(rows)
+    out += tradeoff_table(rows) + curve_table(rows)
     out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
     out += [f"- {note}" for note in store.get("notes", [])] + ([""] if store.get("notes") else [])
     if store.get("overhead"):

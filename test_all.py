@@ -901,6 +901,19 @@ def test_benchmark_merges_seeds_and_renders_the_calibrator_tradeoff(tmp_path):
     assert "## Calibrator: accuracy trade-off and cost" in md and "| 0.50 ± 1.00 |" in md
     assert "10 (5.00%)" in md and "1.00M (25.0%)" in md and "70.00 ± 0.00" in md
 
+
+def test_benchmark_reads_and_renders_the_accuracy_curve(tmp_path):
+    recs = [{"step": 10, "loss": 1.0}, {"step": 20, "target_test_acc_curve": 50.0}, {"step": 40, "target_test_acc": 70.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    curve = benchmark.read_curve(tmp_path)
+    assert curve == [[20, 50.0], [40, 70.0]] and benchmark.read_curve(None) is None
+    row = {"method": "pixelda", "task": "mnist-usps", "variant": "pixelda",
+           "extra": {"curve": [curve, [[20, 60.0], [40, 80.0]]]}}
+    assert benchmark.curve_table([row])[-1] == "| pixelda | mnist-usps | pixelda | 2 | 20: 55.0 · 40: 75.0 |"
+    long = [[[i, float(i)] for i in range(100)]]
+    line = benchmark.curve_table([dict(row, extra={"curve": long})], points=5)[-1]
+    assert line.endswith("0: 0.0 · 25: 25.0 · 50: 50.0 · 74: 74.0 · 99: 99.0 |")
+
 # ----------------------------------------------------------------------------------------------------------------
 # real data (CI has it in ../shared/data)
 # ----------------------------------------------------------------------------------------------------------------
