@@ -160,6 +160,19 @@ def mean_std(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
+def schedule_flags(flags):
+    """A row's flags without those that do not change the result (threads, logging, cache paths) and without the
+    one the variant name already shows (--source-bn)."""
+    toks, keep = shlex.split(flags), []
+    while toks:
+        t = toks.pop(0)
+        if t in ("--threads", "--eval-every", "--log-every", "--source-ckpt", "--out", "--source-bn"):
+            toks.pop(0)  # and its value
+        else:
+            keep.append(t)
+    return " ".join(keep) or "defaults"
+
+
 def tradeoff_table(rows):
     """Rows whose runs report the frozen source model alone (calibrator.py): the paper's Figure 2 trade-off (source
     and target accuracy without and with the calibrator) and its Table 3 cost (calibrator size relative to F_s)."""
@@ -170,9 +183,9 @@ def tradeoff_table(rows):
            "F_s alone is the frozen source classifier before stage 2 (same seed); F_s∘G_c is it behind the final",
            "calibrator. The source change is F_s∘G_c minus F_s alone on the source test split, per seed, then averaged.",
            "With `--source-bn train`, *F_s alone after drift* is F_s with the BatchNorm statistics stage 2 left in it.",
-           "", "| task | variant | steps | seeds | F_s alone: target | F_s alone: source | F_s∘G_c: target | "
-           "F_s∘G_c: source | source change | F_s alone after drift: target / source | G_c params (% of F_s) | "
-           "G_c MACs/image (% of F_s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "", "| task | variant | schedule flags | steps | seeds | F_s alone: target | F_s alone: source | "
+           "F_s∘G_c: target | F_s∘G_c: source | source change | F_s alone after drift: target / source | "
+           "G_c params (% of F_s) | G_c MACs/image (% of F_s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         alone, ex = r["extra"]["source_model_alone"], r["extra"]
         drift = [d for d in ex.get("source_model_alone_after_bn_drift") or [] if d]
@@ -180,8 +193,8 @@ def tradeoff_table(rows):
         delta = [s - a["source_acc"] for s, a in zip(r["source_acc"], alone)]
         drift_s = (f"{mean_std([d['target_acc'] for d in drift])} / {mean_std([d['source_acc'] for d in drift])}"
                    if drift else "—")
-        out.append(f"| {r['task']} | {r['variant']} | {r['steps']} | {len(r['seeds'])} | "
-                   f"{mean_std([a['target_acc'] for a in alone])} | {mean_std([a['source_acc'] for a in alone])} | "
+        out.append(f"| {r['task']} | {r['variant']} | {schedule_flags(r.get('flags', ''))} | {r['steps']} | "
+                   f"{len(r['seeds'])} | {mean_std([a['target_acc'] for a in alone])} | {mean_std([a['source_acc'] for a in alone])} | "
                    f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {mean_std(delta)} | {drift_s} | "
                    f"{cost['calibrator_params']:,} ({100 * cost['param_ratio']:.2f}%) | "
                    f"{cost['calibrator_macs'] / 1e6:.2f}M ({100 * cost['macs_ratio']:.1f}%) |")

@@ -44,8 +44,15 @@ Deviations, each a flag or stated here:
     each of the four groups goes through F_s in its own forward pass, so during training every group is normalised
     with its own batch statistics: `--source-bn train` reproduces all three (F_s's parameters still never change;
     summary.json then also reports F_s alone with the drifted statistics).
-  * The official generator ends in Dropout(0.05) on the perturbation: kept (`--calib-dropout`).
-  * The configs' `resolution` entry (16 / 32 / 16) is not used: its role is not documented.
+  * The official generator ends in Dropout(0.05): kept (`--calib-dropout`), but here it acts on delta (a dropped
+    pixel gets no perturbation, a kept one delta / 0.95, so in training mode |delta| can exceed L_inf by 5%; the
+    bound is exact for the deployed, eval-mode calibrator). The official dropout acts on the tanh output before the
+    mapping to delta, so a dropped pixel gets delta = min(0.5, L_inf) there.
+  * D_pixel's patch: the official one cuts the image into non-overlapping P x P tiles and draws one tile per forward
+    call (so a different tile for each group) among the first (resolution / P)^2 tiles in row order, where
+    `resolution` is the config entry 16 / 32 / 16: for M->U and S->M only tiles from the top 8 pixel rows;
+    its pixel permutation is shared by all images and channels. Here the patch can sit anywhere (any offset), is
+    at the same place in all four groups, and is shuffled per image and per channel, as the paper describes.
   * No CycleGAN-stylised source (the paper's best rows): the issue asks for the calibrator alone.
 
 Paper numbers (Table 1, target accuracy, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGAN-stylised

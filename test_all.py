@@ -898,7 +898,7 @@ def test_benchmark_merges_seeds_and_renders_the_calibrator_tradeoff(tmp_path):
     benchmark.render(store, tmp_path / "R.md")
     md = (tmp_path / "R.md").read_text()
     # source change per seed: 96-96.5, 97-96.5, 98-96.5 -> mean 0.5; ratios as percentages
-    assert "## Calibrator: accuracy trade-off and cost" in md and "| 0.50 ± 1.00 |" in md
+    assert "## Calibrator: accuracy trade-off and cost" in md and "| 0.50 ± 1.00 |" in md and "| defaults | 7 |" in md
     assert "10 (5.00%)" in md and "1.00M (25.0%)" in md and "70.00 ± 0.00" in md
 
 
