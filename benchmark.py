@@ -109,9 +109,9 @@ EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "
 
 def read_curve(run_dir):
     """[[step, target test accuracy], ...] from a run's metrics.jsonl: the logged curve points plus the final one."""
-    path = Path(run_dir or "") / "metrics.jsonl"
-    if not run_dir or not path.exists():
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
         return None
+    path = Path(run_dir) / "metrics.jsonl"
     curve = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
@@ -360,16 +360,14 @@ def main():
     for (m, t), rs in groups.items():
         rs.sort(key=lambda r: r["seed"])
         flags = " ".join(shlex.quote(e) for e in args.extra)
-        seeds = " ".join(str(r["seed"]) for r in rs)
-        cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
-        cmd += f" --threads {threads}" if "--threads" not in args.extra else ""
-        cmd += "".join(" " + (e if "$s" in e else shlex.quote(e)) for e in fill(args.extra, t, "$s")) + "; done"
         key = f"{m}|{t}|{flags}"
         old = store["rows"].get(key)
         if old is not None and old["steps"] == rs[0]["steps"]:  # same flags, other seeds measured before: merge
             rs = merge_seeds(old, rs)
-            seeds = " ".join(str(r["seed"]) for r in rs)
-            cmd = f"for s in {seeds}; do" + cmd.split("; do", 1)[1]
+        seeds = " ".join(str(r["seed"]) for r in rs)
+        cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
+        cmd += f" --threads {threads}" if "--threads" not in args.extra else ""
+        cmd += "".join(" " + (e if "$s" in e else shlex.quote(e)) for e in fill(args.extra, t, "$s")) + "; done"
         store["rows"][key] = {
             "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": flags, "steps": rs[0]["steps"],
             "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],

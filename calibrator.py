@@ -358,11 +358,12 @@ def main(args):
         f = f_s.features(x)
         return F.softmax(f_s.classifier(f), 1) if args.feat_input == "softmax" else f
 
+    feat_c = torch.compile(feat) if args.compile else feat
+
     def feat_groups(x):  # F_s in train mode normalises each group with its own batch statistics, as the official
         # code (one forward per group); in eval mode the groups do not interact and one forward is the same thing
         return torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" else feat_c(x)
 
-    feat_c = torch.compile(feat) if args.compile else feat
     g_fwd = torch.compile(g_c) if args.compile else g_c
     w = args.w_feat_source, args.w_feat_target, args.w_pix_source, args.w_pix_target
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
