@@ -49,6 +49,16 @@ PAPER = {
     ("calibrator", "mnist-usps", "calibrator+source-bn-train"): 95.6,
     ("calibrator", "usps-mnist", "calibrator+source-bn-train"): 97.1,
     ("calibrator", "svhn-mnist", "calibrator+source-bn-train"): 97.1,
+    # I2I Adapt, Table 2 (error % -> accuracy), M->U, U->M, S->M; best ablation = l_z + l_idY + l_trc
+    ("i2i_adapt", "mnist-usps", "full"): 98.5, ("i2i_adapt", "usps-mnist", "full"): 97.4,
+    ("i2i_adapt", "svhn-mnist", "full"): 89.6,
+    ("i2i_adapt", "mnist-usps", "c+z+id_y+trc"): 98.8, ("i2i_adapt", "usps-mnist", "c+z+id_y+trc"): 97.6,
+    ("i2i_adapt", "svhn-mnist", "c+z+id_y+trc"): 90.1,
+    ("i2i_adapt", "mnist-usps", "source-only"): 91.1, ("i2i_adapt", "usps-mnist", "source-only"): 67.0,
+    ("i2i_adapt", "svhn-mnist", "source-only"): 71.5,
+    # PixelDA (paper Tables 1-2 via anchors A.5), 500k steps
+    ("pixelda", "mnist-mnistm", "pixelda"): 98.2, ("pixelda", "mnist-mnistm", "source-only"): 63.6,
+    ("pixelda", "mnist-usps", "pixelda"): 95.9, ("pixelda", "mnist-usps", "source-only"): 78.9,
 }
 PAPER_NOTES = {
     ("dann", "mnist-usps"): "not in the paper (TLlib's DANN+LeNet: 91.7, selected on target test)",

@@ -816,6 +816,21 @@ def test_i2i_a_zero_lambda_switches_its_term_and_networks_off(off, gone):
                                                                                            "d_z"}
 
 
+def test_i2i_source_only_never_shows_the_encoder_a_target_image():
+    """With l_c alone the target batch must not reach the encoder, not even its BatchNorm running statistics
+    (that would be an implicit AdaBN adaptation); with l_z on it must."""
+    torch.manual_seed(0)
+    xs, ys = torch.rand(8, 1, 32, 32) * 2 - 1, torch.randint(0, 10, (8,))
+    for lam, sees_target in ((_only(c=1.0), False), (_only(c=1.0, z=0.05), True)):
+        stats = []
+        for xt in (torch.rand(8, 1, 32, 32) * 2 - 1, torch.full((8, 1, 32, 32), 0.9)):
+            torch.manual_seed(1)
+            nets = i2i_adapt.build_networks(lam).train()
+            i2i_adapt.generator_losses(nets, xs, ys, xt, lam)
+            stats.append(torch.cat([m.running_mean for m in nets["enc"].modules() if isinstance(m, nn.BatchNorm2d)]))
+        assert torch.equal(stats[0], stats[1]) is not sees_target
+
+
 @pytest.mark.parametrize("flags,variant", [([], "full"),
                                            (["--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-cyc", "0"], "c+z+id_y+trc"),
                                            (["--lambda-z", "0", "--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-id-y",
