@@ -306,6 +306,7 @@ def main(args):
             loss_d.backward()
             opt_d.step()
         idx = s_sampler.next()
+        # xt is drawn even for source only (where the encoder never sees it), so every variant shares one random stream
         xs, ys, xt = augment(src.train_x[idx]), src.train_y[idx], augment(tgt.train_x[t_sampler.next()])
         terms, _, _ = generator_losses(nets, xs, ys, xt, lam)
         loss = sum(lam[k] * v for k, v in terms.items())  # eq. 7
