@@ -32,6 +32,9 @@ Deviations, each a flag or stated here:
   * The foreground mask is x_s > `--mask-threshold` (in [-1, 1] units) on the source image's channel mean; for MNIST
     digits this is the stroke. `--mask-threshold -2` uses every pixel.
   * `--private-conv` is off by default: the paper describes one task classifier T for both inputs.
+  * G's last conv has the target's channels: 1 for a gray target (USPS, MNIST), whose images the loaders replicate
+    to 3 channels, so G's output is replicated the same way. A 3-channel G for a gray target renders coloured
+    digits that no target image has.
 
 Paper numbers (target accuracy): MNIST->MNIST-M 98.2 (source-only 63.6), MNIST->USPS 95.9 (source-only 78.9).
 Measured numbers: RESULTS.md.
@@ -177,7 +180,7 @@ def save_grid(g_net, xs, xt, noise_dim, path, n_z=3, generator=None):
     with torch.inference_mode():
         for _ in range(n_z):
             z = torch.rand(len(xs), noise_dim, device=xs.device, generator=generator) * 2 - 1
-            rows.append(g_net(xs, z))
+            rows.append(g_net(xs, z).expand_as(xs))  # a 1-channel G's output replicated, as gray data is
     rows.append(xt)
     g_net.train(was_training)
     save_image((torch.cat(rows).float().cpu() + 1) / 2, path, nrow=len(xs), padding=1)
@@ -210,7 +213,9 @@ def main(args):
 
     # ---- models -------------------------------------------------------------------------------------------------
     ch, size = t_net.in_channels, t_net.size
-    g_net = Generator(ch, ch, size, args.noise_dim, args.res_blocks)
+    # a gray target (USPS, MNIST: replicated to 3 channels on loading) gets a 1-channel G, replicated the same way
+    gray_target = bool((tgt.train_x[:, 1:] == tgt.train_x[:, :1]).all())
+    g_net = Generator(ch, 1 if gray_target else ch, size, args.noise_dim, args.res_blocks)
     d_net = Discriminator(ch, size, args.d_noise, args.d_dropout)
     for net in (g_net, d_net, t_net):
         net.apply(init_weights)
@@ -252,7 +257,7 @@ def main(args):
         else:
             xt = to_float(tgt.train_x[t_sampler.next()])
             z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
-            fake = g_fwd(xs, z)
+            fake = g_fwd(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
 
             # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
             loss_d = args.domain_weight * (F.binary_cross_entropy_with_logits(d_fwd(xt), ones) +

@@ -20,6 +20,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn as nn
@@ -741,6 +742,10 @@ def test_pixelda_smoke(task, flags, variant, env, tmp_path):
     assert summary["source_acc"] > 20  # T learned something from the source labels in 40 steps
     pngs = sorted(p.name for p in run.glob("*.png"))
     assert pngs == ([] if variant == "source-only" else ["samples_0000020.png", "samples_0000040.png", "samples_final.png"])
+    if pngs:  # a gray target (USPS) gets gray renderings; MNIST-M's are coloured (G has the target's channels)
+        rgb = np.asarray(Image.open(run / "samples_final.png").convert("RGB")).astype(int)
+        gray = (rgb == rgb[..., :1]).all()
+        assert gray == (task == "mnist-usps")
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = [l["lr"] for l in lines if "lr" in l]
     assert lrs[0] == pytest.approx(1e-3 * 0.95) and lrs[-1] == pytest.approx(1e-3 * 0.95 ** 4)  # staircase decay
