@@ -206,7 +206,11 @@ def main(args):
     t_net = build_backbone("dann_mnist")
     src, tgt = load_task(args.task, t_net.size, t_net.in_channels, device, args.data_dir, args.cache_dir,
                          download=not args.no_download)
-    variant = "source-only" if args.source_only else "pixelda" + ("+private-conv" if args.private_conv else "")
+    default = parse_args([])  # loss weights that differ from the official ones are named in the variant
+    weights = [f"{name} {getattr(args, k):g}" for name, k in (("domain", "domain_weight"), ("content", "content_weight"),
+               ("task-in-G", "task_in_g_weight")) if getattr(args, k) != getattr(default, k)]
+    variant = "source-only" if args.source_only else ("pixelda" + ("+private-conv" if args.private_conv else "") +
+                                                      (f" ({', '.join(weights)})" if weights else ""))
     run_dir = make_run_dir(args.out, "pixelda", args.task, args.seed)
     atomic_write_json(dict(vars(args), variant=variant, source=src.name, target=tgt.name), run_dir / "args.json")
     log = MetricsLog(run_dir / "metrics.jsonl")

@@ -727,7 +727,8 @@ def test_pixelda_discriminator_noise_and_dropout_only_in_training():
 
 
 @pytest.mark.parametrize("task,flags,variant", [("mnist-mnistm", [], "pixelda"),
-                                                ("mnist-usps", ["--private-conv"], "pixelda+private-conv"),
+                                                ("mnist-usps", ["--private-conv", "--task-in-g-weight", "0.1"],
+                                                 "pixelda+private-conv (task-in-G 0.1)"),
                                                 ("mnist-usps", ["--source-only"], "source-only")])
 def test_pixelda_smoke(task, flags, variant, env, tmp_path):
     out = tmp_path / "runs"
