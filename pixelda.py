@@ -37,7 +37,10 @@ Deviations, each a flag or stated here:
     digits that no target image has.
 
 Paper numbers (target accuracy): MNIST->MNIST-M 98.2 (source-only 63.6), MNIST->USPS 95.9 (source-only 78.9).
-Measured numbers: RESULTS.md.
+Measured numbers: RESULTS.md. The release publishes only the MNIST->MNIST-M weights; on MNIST->USPS they let G draw
+USPS-like digits of other classes (the digit follows z, not x_s), and T falls below source-only. Watch the logged
+`t_acc_on_fake` (printed and in metrics.jsonl: T's accuracy on G's images, source labels only): near chance means
+G has dropped the class.
 """
 
 import argparse
@@ -293,7 +296,8 @@ def main(args):
             train_time += time.time() - t_loop
             lt, ld, lg, lc, af = (sums / n_window).tolist()
             lr = opts[0].param_groups[0]["lr"]
-            print(progress.line(step, train_time, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, lr=lr), flush=True)
+            print(progress.line(step, train_time, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, t_acc_on_fake=af, lr=lr),
+                  flush=True)
             log.write(step=step, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, t_acc_on_fake=af, lr=lr,
                       steps_per_sec=step / max(train_time, 1e-9))
             sums.zero_()
