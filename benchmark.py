@@ -308,10 +308,9 @@ def overhead(task, steps, threads, reps=3):
     torch.set_num_threads(threads)
     args = dann.parse_args(["--task", task, "--steps", str(steps), "--eval-every", "0", "--no-save-model",
                             "--log-every", str(steps), "--out", "runs/overhead", "--threads", str(threads)])
-    defaults = dann.TASK_DEFAULTS[task]
     torch.manual_seed(0)
-    model = common.build_backbone(defaults["backbone"])
-    disc = dann.domain_classifier(model.feature_dim, defaults["domain_hidden"])
+    model = common.build_backbone(args.backbone)
+    disc = dann.domain_classifier(model.feature_dim, args.hidden)
     opt = torch.optim.SGD(list(model.parameters()) + list(disc.parameters()), lr=0.01, momentum=0.9)
     half = args.batch_size // 2
     x = torch.rand(2 * half, model.in_channels, model.size, model.size) * 2 - 1
@@ -338,7 +337,7 @@ def overhead(task, steps, threads, reps=3):
             bare_step()
         bare.append(steps / (time.time() - t0))
     s, b = statistics.median(script), statistics.median(bare)
-    return {"task": task, "backbone": defaults["backbone"], "threads": threads, "steps": steps, "reps": reps,
+    return {"task": task, "backbone": args.backbone, "threads": threads, "steps": steps, "reps": reps,
             "script": s, "bare": b, "ratio": b / s, "script_all": script, "bare_all": bare}
 
 

@@ -60,9 +60,7 @@ source: 97.1 / 98.3 / 97.5). Measured numbers: RESULTS.md.
 """
 
 import argparse
-import pickle
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -70,9 +68,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
-                    atomic_write_json, build_backbone, count_params, default_data_dir, finish, load_task,
-                    make_run_dir, setup_torch, to_float, versions)
+from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
+                    build_backbone, check_args, count_params, finish, load_checkpoint, load_source, load_task,
+                    main_guard, make_run_dir, maybe_compile, parse, save_checkpoint, save_source, setup_torch, to_float,
+                    train_source, write_args)
 
 # Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
 TASK_DEFAULTS = {
@@ -87,23 +86,8 @@ TASK_DEFAULTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--task", default="mnist-usps", help=f"source-target pair: {', '.join(TASKS)}")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the calibrator and F_s's forward")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--out", default="runs", help="parent folder of the run folder")
-    g.add_argument("--log-every", type=int, default=100, help="progress line + metrics.jsonl record every N steps")
-    g.add_argument("--eval-every", type=int, default=1000, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--no-save-model", action="store_true", help="do not write the model files")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
-    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
-    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
-    g.add_argument("--eval-batch-size", type=int, default=2048, help="batch size for evaluation")
+    add_shared_args(p, task="mnist-usps", steps=None, steps_help="calibrator steps; overrides --epochs",
+                    log_every=100, eval_every=1000)
     g = p.add_argument_group("stage 1: source classifier F_s (dtn)")
     g.add_argument("--source-ckpt", default=None,
                    help="F_s cache file: loaded if it exists (same source data/seed/stage-1 flags), else trained and saved")
@@ -112,7 +96,6 @@ def parse_args(argv=None):
     g.add_argument("--source-wd", type=float, default=None, help="Adam weight decay for F_s (task default)")
     g = p.add_argument_group("stage 2: calibrator (defaults: the official digit configs, see the docstring)")
     g.add_argument("--epochs", type=float, default=None, help="calibrator epochs (task default)")
-    g.add_argument("--steps", type=int, default=None, help="calibrator steps; overrides --epochs")
     g.add_argument("--batch-size", type=int, default=None, help="images per domain per step, both stages (task default)")
     g.add_argument("--lr", type=float, default=None, help="Adam lr of G_c and both discriminators (task default)")
     g.add_argument("--betas", default="0.5,0.999", help="Adam betas of stage 2")
@@ -133,11 +116,29 @@ def parse_args(argv=None):
     g.add_argument("--source-bn", default="eval", choices=["eval", "train"],
                    help="F_s's mode in stage 2: eval (truly frozen) or train (official code: BN statistics drift)")
     g.add_argument("--grid-images", type=int, default=8, help="images per row of the PNG grid (0: no grid)")
-    args = p.parse_args(argv)
-    defaults = TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["svhn-mnist"])
-    for k, v in defaults.items():
+    args = parse(p, argv)
+    check_args(args, positive=("source_epochs", "source_lr", "epochs", "lr"),
+               at_least_one=("batch_size", "width", "pixel_hidden"),
+               non_negative=("source_wd", "blocks", "grid_images", "w_feat_target", "w_feat_source", "w_pix_target",
+                             "w_pix_source"))
+    # derived defaults (the official per-task configs), resolved here so that args.json records the values used
+    for k, v in TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["svhn-mnist"]).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    try:
+        args.adam_betas = tuple(float(b) for b in args.betas.split(","))
+        assert len(args.adam_betas) == 2
+    except (ValueError, AssertionError):
+        raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
+    if not 0 < args.linf <= 2:
+        raise UsageError(f"--linf must be in (0, 2] (pixels live in [-1, 1]; got {args.linf})")
+    if not 1 <= args.patch <= 32:
+        raise UsageError(f"--patch must be between 1 and the image size, 32 (got {args.patch})")
+    if not 0 <= args.calib_dropout < 1:
+        raise UsageError(f"--calib-dropout must be in [0, 1) (got {args.calib_dropout})")
+    if args.source_bn == "train" and args.batch_size < 2:
+        raise UsageError("--source-bn train needs --batch-size >= 2 (BatchNorm statistics)")
+    args.variant = "calibrator" + ("" if args.source_bn == "eval" else "+source-bn-train")
     return args
 
 
@@ -206,6 +207,15 @@ def group_labels(n, device):
     return [torch.full((n,), i, dtype=torch.long, device=device) for i in range(4)]
 
 
+def calibrator_loss(logits_feat, logits_pix, n, w):
+    """Eq. 7: both discriminators should put the calibrated groups G3 = G_c(X_s) (rows :n) and G4 = G_c(X_t)
+    (rows n:) in G1, the source. w: the weights of (feature, source), (feature, target), (pixel, source),
+    (pixel, target)."""
+    g1 = torch.zeros(n, dtype=torch.long, device=logits_feat.device)
+    return (w[0] * F.cross_entropy(logits_feat[:n], g1) + w[1] * F.cross_entropy(logits_feat[n:], g1) +
+            w[2] * F.cross_entropy(logits_pix[:n], g1) + w[3] * F.cross_entropy(logits_pix[n:], g1))
+
+
 def count_macs(model, x):
     """Multiply-accumulates per image of the conv, transposed-conv and linear layers in one forward pass of x."""
     total = [0]
@@ -250,89 +260,35 @@ def save_grid(g_c, xs, xt, path):
 
 def main(args):
     t_start = time.time()
-    # ---- checks that need no data ------------------------------------------------------------------------------
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
-    try:
-        betas = tuple(float(b) for b in args.betas.split(","))
-        assert len(betas) == 2
-    except (ValueError, AssertionError):
-        raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
-    if not 0 < args.linf <= 2:
-        raise UsageError("--linf must be in (0, 2] (pixels live in [-1, 1])")
-    if not 1 <= args.patch <= 32:
-        raise UsageError("--patch must be between 1 and the image size, 32")
-    if args.batch_size < 1 or args.log_every < 1 or args.eval_every < 0 or args.width < 1 or args.blocks < 0:
-        raise UsageError("--batch-size, --log-every, --width must be >= 1; --eval-every, --blocks >= 0")
-    if args.source_bn == "train" and args.batch_size < 2:
-        raise UsageError("--source-bn train needs --batch-size >= 2 (BatchNorm statistics)")
-
-    # TRY NOT TO MODIFY: seeding, device
+    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-
-    # ---- data ---------------------------------------------------------------------------------------------------
     f_s = build_backbone("dtn")
     src, tgt = load_task(args.task, f_s.size, f_s.in_channels, device, args.data_dir, args.cache_dir,
                          download=not args.no_download)
     steps_per_epoch = max(1, min(len(src.train_x), len(tgt.train_x)) // args.batch_size)
-    steps = args.steps if args.steps is not None else max(1, round(args.epochs * steps_per_epoch))
+    if args.steps is None:  # resolved from the dataset sizes; args.json records it
+        args.steps = max(1, round(args.epochs * steps_per_epoch))
     source_steps = max(1, round(args.source_epochs * len(src.train_x) / args.batch_size))
-    if steps < 1:
-        raise UsageError("--steps must be >= 1")
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
-
+    # stage 1's identity: a cached F_s is reused only by runs that would have trained the same one
     stage1 = dict(source=src.name, seed=args.seed, source_steps=source_steps, source_lr=args.source_lr,
                   source_wd=args.source_wd, batch_size=args.batch_size)
-    ckpt = Path(args.source_ckpt) if args.source_ckpt else None
-    loaded = bool(ckpt and ckpt.exists())
-    if loaded:  # stage 1 done before: F_s from the cache file
-        try:
-            saved = torch.load(ckpt, map_location="cpu")
-            f_s.load_state_dict(saved["model"])
-        except (OSError, KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-            raise DataError(f"could not load --source-ckpt {ckpt}: {e}; delete it to retrain")
-        diff = {k: (saved.get("stage1", {}).get(k), v) for k, v in stage1.items() if saved.get("stage1", {}).get(k) != v}
-        if diff:
-            raise UsageError(f"--source-ckpt {ckpt} was trained differently (saved vs this run: {diff}); "
-                             "use another path or delete it")
-
-    run_dir = make_run_dir(args.out, "calibrator", args.task, args.seed)
-    resolved = dict(vars(args), steps=steps, source_steps=source_steps, steps_per_epoch=steps_per_epoch,
-                    source=src.name, target=tgt.name)
-    atomic_write_json(resolved, run_dir / "args.json")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
+    loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
+    run_dir = make_run_dir(args, "calibrator")
+    write_args(run_dir, args, source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name,
+               target=tgt.name)
     print(f"calibrator {args.task} | {src} -> {tgt} | dtn {count_params(f_s):,} params | {device} | "
           f"run folder {run_dir}", flush=True)
 
     # ---- stage 1: source classifier F_s ------------------------------------------------------------------------
     f_s = f_s.to(device)
     if not loaded:
-        opt = torch.optim.Adam(f_s.parameters(), lr=args.source_lr, weight_decay=args.source_wd)
-        sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
-        progress, t0, loss_sum, n = Progress(source_steps), time.time(), torch.zeros((), device=device), 0
-        f_s.train()
-        for step in range(1, source_steps + 1):
-            idx = sampler.next()
-            loss = F.cross_entropy(f_s(to_float(src.train_x[idx])), src.train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            n += 1
-            if step % (args.log_every * 5) == 0 or step == source_steps:
-                print("source " + progress.line(step, time.time() - t0, loss_y=loss_sum.item() / n), flush=True)
-                loss_sum.zero_()
-                n = 0
-        saved = {"model": f_s.state_dict(), "task": args.task, "stage1": stage1}
-        if not args.no_save_model:
-            atomic_torch_save(saved, run_dir / "source.pt")
-        if ckpt:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(saved, ckpt)
-            print(f"F_s saved to {ckpt}", flush=True)
-    else:
-        print(f"F_s loaded from {ckpt} (stage 1 skipped)", flush=True)
+        train_source(f_s, src.train_x, src.train_y, steps=source_steps, batch_size=args.batch_size, lr=args.source_lr,
+                     weight_decay=args.source_wd, generator=g, input_range="-1,1", log_every=args.log_every * 5,
+                     amp=args.amp)
+        save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
     f_s.requires_grad_(False)  # frozen from here on: no parameter of F_s changes in stage 2
     alone = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
              "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
@@ -351,79 +307,68 @@ def main(args):
     feat_dim = 10 if args.feat_input == "softmax" else f_s.feature_dim
     d_feat = feature_discriminator(feat_dim).to(device)
     d_pix = pixel_discriminator(args.patch, 3, args.pixel_hidden).to(device)
-    opt_g = torch.optim.Adam(g_c.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), lr=args.lr, betas=betas)
+    opt_g = torch.optim.Adam(g_c.parameters(), lr=args.lr, betas=args.adam_betas)
+    opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), lr=args.lr, betas=args.adam_betas)
 
     def feat(x):  # D_feat's input: F_s's softmax output (official) or M_s's features
         f = f_s.features(x)
         return F.softmax(f_s.classifier(f), 1) if args.feat_input == "softmax" else f
 
-    feat_c = torch.compile(feat) if args.compile else feat
+    feat_c, g_fwd = maybe_compile(feat, args.compile), maybe_compile(g_c, args.compile)
 
     def feat_groups(x):  # F_s in train mode normalises each group with its own batch statistics, as the official
         # code (one forward per group); in eval mode the groups do not interact and one forward is the same thing
         return torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" else feat_c(x)
 
-    g_fwd = torch.compile(g_c) if args.compile else g_c
+    def evaluate():  # F_s o G_c; a curve only, never used for selection
+        model = nn.Sequential(g_c, f_s)
+        rec = {"target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
+               "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+        g_c.train(), f_s.train(args.source_bn == "train")  # accuracy() restored the Sequential's mode on both
+        return rec
+
     w = args.w_feat_source, args.w_feat_target, args.w_pix_source, args.w_pix_target
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
     labels = group_labels(args.batch_size, device)
     y = torch.cat(labels)  # the group of every row of [G1; G2; G3; G4], the same each step
     rng = random.Random(args.seed)  # patch locations (host side: no device sync)
-    progress, sums, n_window, t_loop, train_time = Progress(steps), torch.zeros(3, device=device), 0, time.time(), 0.0
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    state = dict(g_c=g_c, d_feat=d_feat, d_pix=d_pix, f_s=f_s, opt_g=opt_g, opt_d=opt_d, s_sampler=s_sampler,
+                 t_sampler=t_sampler, g=g, rng=rng, meter=meter)  # f_s: its BatchNorm statistics drift in train mode
     g_c.train(), d_feat.train(), d_pix.train()
     f_s.train(args.source_bn == "train")
-    for step in range(1, steps + 1):
+    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
         # ALGO LOGIC
         xs, xt = to_float(src.train_x[s_sampler.next()]), to_float(tgt.train_x[t_sampler.next()])
         n, x = len(xs), torch.cat([xs, xt])  # G1, G2
-        cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
-        with torch.no_grad():
-            f_real = feat_groups(x)
-        f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
-        # one random patch location per step, the same for all four groups
-        top, left = rng.randrange(33 - args.patch), rng.randrange(33 - args.patch)
-        p_real = shuffled_patch(x, top, left, args.patch, g)
-        p_cal = shuffled_patch(cal, top, left, args.patch, g)
+        with autocast(device, args.amp):
+            cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
+            with torch.no_grad():
+                f_real = feat_groups(x)
+            f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
+            # one random patch location per step, the same for all four groups
+            top, left = rng.randrange(33 - args.patch), rng.randrange(33 - args.patch)
+            p_real = shuffled_patch(x, top, left, args.patch, g)
+            p_cal = shuffled_patch(cal, top, left, args.patch, g)
 
-        # discriminators (eqs. 5-6): 4-way cross entropy over G1..G4, calibrated images detached
-        loss_d = (F.cross_entropy(d_feat(torch.cat([f_real, f_cal.detach()])), y) +
-                  F.cross_entropy(d_pix(torch.cat([p_real, p_cal.detach()])), y))
+            # discriminators (eqs. 5-6): 4-way cross entropy over G1..G4, calibrated images detached
+            loss_d = (F.cross_entropy(d_feat(torch.cat([f_real, f_cal.detach()])), y) +
+                      F.cross_entropy(d_pix(torch.cat([p_real, p_cal.detach()])), y))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
 
-        # calibrator (eq. 7): D_feat and D_pixel should call G3 and G4 "source" (G1)
-        g1 = labels[0]
-        lf, lp = d_feat(f_cal), d_pix(p_cal)
-        loss_g = (w[0] * F.cross_entropy(lf[:n], g1) + w[1] * F.cross_entropy(lf[n:], g1) +
-                  w[2] * F.cross_entropy(lp[:n], g1) + w[3] * F.cross_entropy(lp[n:], g1))
+        with autocast(device, args.amp):  # calibrator (eq. 7): D_feat and D_pixel should call G3 and G4 "source"
+            loss_g = calibrator_loss(d_feat(f_cal), d_pix(p_cal), n, w)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
 
-        # TRY NOT TO MODIFY: logging and evaluation
-        with torch.no_grad():
-            sums += torch.stack([loss_d.detach(), loss_g.detach(), (cal - x).abs().amax()])
-        n_window += 1
-        if step % args.log_every == 0 or step == steps:
-            train_time += time.time() - t_loop
-            ld, lg, dmax = (sums / n_window).tolist()
-            print(progress.line(step, train_time, loss_d=ld, loss_g=lg, max_delta=dmax), flush=True)
-            log.write(step=step, loss_d=ld, loss_g=lg, max_abs_delta=dmax, steps_per_sec=step / max(train_time, 1e-9))
-            sums.zero_()
-            n_window, t_loop = 0, time.time()
-        if args.eval_every and step % args.eval_every == 0 and step != steps:
-            train_time += time.time() - t_loop
-            model = nn.Sequential(g_c, f_s)
-            rec = {"step": step, "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
-                   "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
-            g_c.train(), f_s.train(args.source_bn == "train")  # accuracy() restores each module's own mode
-            log.write(**rec)
-            print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
-                  flush=True)
-            t_loop = time.time()
+        # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
+        meter.add(loss_d=loss_d, loss_g=loss_g, max_delta=(cal.detach() - x).abs().amax())
+        meter.step(step, evaluate)
+        save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final calibrator's accuracy (no checkpoint selection) ---------------------------------------------------
     model = nn.Sequential(g_c, f_s)
@@ -433,30 +378,21 @@ def main(args):
     if args.source_bn == "train":  # F_s's BatchNorm statistics moved: F_s alone is no longer what it was
         drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
                    "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
-    log.write(step=steps, target_test_acc=target_acc, source_test_acc=source_acc)
-    log.close()
+    meter.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
     if args.grid_images:
         k = args.grid_images
         save_grid(g_c, to_float(src.test_x[:k]), to_float(tgt.test_x[:k]), run_dir / "calibration.png")
     if not args.no_save_model:
-        atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": resolved},
+        atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)},
                           run_dir / "model.pt")
-    variant = "calibrator" + ("" if args.source_bn == "eval" else "+source-bn-train")
     finish(run_dir, {
-        "method": "calibrator", "task": args.task, "variant": variant, "seed": args.seed, "steps": steps,
-        "epochs": round(steps / steps_per_epoch, 2), "source_steps": 0 if loaded else source_steps,
+        "method": "calibrator", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
+        "epochs": round(args.steps / steps_per_epoch, 2), "source_steps": 0 if loaded else source_steps,
         "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
         "source_model_alone": {k: round(v, 3) for k, v in alone.items()},
         "source_model_alone_after_bn_drift": drifted,
-        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()},
-        "train_steps_per_sec": round(steps / max(train_time, 1e-9), 2),
-        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
-        "versions": versions()})
+        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()}}, meter, t_start, device)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    main_guard(main, parse_args)

@@ -48,49 +48,31 @@ Commands and numbers (final model, target test accuracy %, 3 seeds, 20k steps, C
 
 import argparse
 import math
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (INPUT_RANGES, TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy,
-                    atomic_torch_save, atomic_write_json, autocast, build_backbone, count_params, default_data_dir,
-                    finish, load_task, make_run_dir, predict, setup_torch, to_float, versions)
+from common import (BACKBONES, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
+                    build_backbone, check_args, count_params, finish, load_checkpoint, load_task, main_guard,
+                    make_run_dir, maybe_compile, parse, predict, save_checkpoint, setup_torch, to_float, write_args)
 
 # per-task paper defaults (see the docstring): backbone, domain-classifier hidden sizes, learning-rate schedule
 TASK_DEFAULTS = {
-    "mnist-mnistm": dict(backbone="dann_mnist", domain_hidden=(100,), lr_schedule="anneal"),
-    "svhn-mnist": dict(backbone="dann_svhn", domain_hidden=(1024, 1024), lr_schedule="constant"),
-    "mnist-svhn": dict(backbone="dann_svhn", domain_hidden=(1024, 1024), lr_schedule="constant"),
-    "syndigits-svhn": dict(backbone="dann_svhn", domain_hidden=(1024, 1024), lr_schedule="anneal"),
-    "mnist-usps": dict(backbone="lenet", domain_hidden=(1024, 1024), lr_schedule="anneal"),
-    "usps-mnist": dict(backbone="lenet", domain_hidden=(1024, 1024), lr_schedule="anneal"),
+    "mnist-mnistm": dict(backbone="dann_mnist", domain_hidden="100", lr_schedule="anneal"),
+    "svhn-mnist": dict(backbone="dann_svhn", domain_hidden="1024,1024", lr_schedule="constant"),
+    "mnist-svhn": dict(backbone="dann_svhn", domain_hidden="1024,1024", lr_schedule="constant"),
+    "syndigits-svhn": dict(backbone="dann_svhn", domain_hidden="1024,1024", lr_schedule="anneal"),
+    "mnist-usps": dict(backbone="lenet", domain_hidden="1024,1024", lr_schedule="anneal"),
+    "usps-mnist": dict(backbone="lenet", domain_hidden="1024,1024", lr_schedule="anneal"),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--task", default="mnist-mnistm", help=f"source-target pair: {', '.join(TASKS)}")
-    g.add_argument("--seed", type=int, default=0, help="random seed (weights, batches, labelled-target subset)")
-    g.add_argument("--steps", type=int, default=20000, help="training steps; p = step/steps drives both schedules")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--out", default="runs", help="parent folder of the run folder")
-    g.add_argument("--log-every", type=int, default=500, help="progress line + metrics.jsonl record every N steps")
-    g.add_argument("--eval-every", type=int, default=2000, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--no-save-model", action="store_true", help="do not write model.pt")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
-    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
-    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
-    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
-    g.add_argument("--input-range", default="-1,1", choices=INPUT_RANGES, help="pixel range the networks see")
+    add_shared_args(p, task="mnist-mnistm", steps=20000, steps_help="training steps; p = step/steps drives both schedules",
+                    log_every=500, eval_every=2000, input_range="-1,1")
     g = p.add_argument_group("method (defaults: the paper's digit setting)")
     g.add_argument("--backbone", default="auto", help="auto (per task, see docstring), lenet, dtn, dann_mnist, dann_svhn")
     g.add_argument("--batch-size", type=int, default=128, help="images per step: half source, half target")
@@ -109,7 +91,30 @@ def parse_args(argv=None):
                    help="semi-supervised: add N labelled target train images per class to the label loss (paper: 10)")
     g.add_argument("--source-val", type=int, default=0,
                    help="hold out N source train images for the source-validation signal (0: use source test)")
-    return p.parse_args(argv)
+    args = parse(p, argv)
+    check_args(args, positive=("lr",), non_negative=("lr_alpha", "lr_beta", "momentum", "weight_decay", "gamma",
+                                                     "lambda_max", "target_labels_per_class", "source_val"))
+    if args.batch_size < 2 or args.batch_size % 2:
+        raise UsageError("--batch-size must be an even number >= 2 (half source, half target)")
+    if args.target_labels_per_class and (args.oracle or args.lambda_max == 0):
+        raise UsageError("--target-labels-per-class is semi-supervised DANN: it goes with neither --oracle (all "
+                         "target labels) nor --lambda-max 0 (source only)")
+    if args.oracle and args.source_val:
+        raise UsageError("--source-val holds out source images; --oracle does not train on the source")
+    # derived defaults, resolved here so that args.json records the values used
+    for k in ("backbone", "domain_hidden", "lr_schedule"):
+        if getattr(args, k) == "auto":
+            setattr(args, k, TASK_DEFAULTS[args.task][k])
+    if args.backbone not in BACKBONES:
+        raise UsageError(f"unknown backbone '{args.backbone}'; choose from auto, {', '.join(BACKBONES)}")
+    try:
+        args.hidden = tuple(int(h) for h in args.domain_hidden.split(",") if h.strip())
+    except ValueError:
+        raise UsageError(f"--domain-hidden '{args.domain_hidden}' is not a comma-separated list of sizes")
+    args.variant = ("oracle" if args.oracle  # the paper's train-on-target upper bound: no domain branch
+                    else "source-only" if args.lambda_max == 0  # the paper's lower bound: no domain branch
+                    else f"semi-supervised-{args.target_labels_per_class}" if args.target_labels_per_class else "dann")
+    return args
 
 
 # ALGO LOGIC: the method's own pieces
@@ -147,50 +152,13 @@ def learning_rate(p, lr0, alpha, beta):
 
 def main(args):
     t_start = time.time()
-    # ---- checks that need no data ------------------------------------------------------------------------------
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
-    if args.steps < 1 or args.batch_size < 2 or args.batch_size % 2:
-        raise UsageError("--steps must be >= 1 and --batch-size an even number >= 2 (half source, half target)")
-    if args.log_every < 1 or args.eval_every < 0 or args.threads < 0 or args.eval_batch_size < 1:
-        raise UsageError("--log-every and --eval-batch-size must be >= 1, --eval-every and --threads >= 0")
-    if args.lambda_max < 0:
-        raise UsageError("--lambda-max must be >= 0 (0 is the source-only baseline)")
-    if args.target_labels_per_class < 0 or args.source_val < 0:
-        raise UsageError("--target-labels-per-class and --source-val must be >= 0")
-    if args.target_labels_per_class and (args.oracle or args.lambda_max == 0):
-        raise UsageError("--target-labels-per-class is semi-supervised DANN: it goes with neither --oracle (all "
-                         "target labels) nor --lambda-max 0 (source only)")
-    if args.oracle and args.source_val:
-        raise UsageError("--source-val holds out source images; --oracle does not train on the source")
-    defaults = TASK_DEFAULTS[args.task]
-    backbone_name = defaults["backbone"] if args.backbone == "auto" else args.backbone
-    hidden, schedule = defaults["domain_hidden"], defaults["lr_schedule"]
-    if args.domain_hidden != "auto":
-        try:
-            hidden = tuple(int(h) for h in args.domain_hidden.split(",") if h.strip())
-        except ValueError:
-            raise UsageError(f"--domain-hidden '{args.domain_hidden}' is not a comma-separated list of sizes")
-    if args.lr_schedule != "auto":
-        schedule = args.lr_schedule
-    if args.oracle:
-        variant = "oracle"  # the paper's train-on-target upper bound: no domain branch
-    elif args.lambda_max == 0:
-        variant = "source-only"  # the paper's lower bound: no domain branch
-    elif args.target_labels_per_class:
-        variant = f"semi-supervised-{args.target_labels_per_class}"
-    else:
-        variant = "dann"
-    adapt = variant not in ("oracle", "source-only")  # train the domain classifier through the GRL
-
-    # TRY NOT TO MODIFY: seeding, device
+    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-
-    # ---- data: uint8 tensors on the device ---------------------------------------------------------------------
-    model = build_backbone(backbone_name)
+    model = build_backbone(args.backbone)
     src, tgt = load_task(args.task, model.size, model.in_channels, device, args.data_dir, args.cache_dir,
                          download=not args.no_download)
+    adapt = args.variant not in ("oracle", "source-only")  # train the domain classifier through the GRL
     # labelled pool (x, y, domain label): source train, or target train for the oracle
     pool_x, pool_y = (tgt.train_x, tgt.train_y) if args.oracle else (src.train_x, src.train_y)
     val_x, val_y = src.test_x, src.test_y
@@ -213,48 +181,41 @@ def main(args):
     half = args.batch_size // 2
     labelled = IndexSampler(len(pool_x), half, device, g)
     unlabelled = IndexSampler(len(tgt.train_x), half, device, g)
+    run_dir = make_run_dir(args, "dann")
+    write_args(run_dir, args, source=src.name, target=tgt.name)
 
-    # ---- models and optimiser ----------------------------------------------------------------------------------
+    # ALGO LOGIC: networks and optimiser
     model = model.to(device)
-    disc = domain_classifier(model.feature_dim, hidden).to(device)
+    disc = domain_classifier(model.feature_dim, args.hidden).to(device)
     params = list(model.parameters()) + (list(disc.parameters()) if adapt else [])
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    features, classifier, disc_fn = model.features, model.classifier, disc
-    if args.compile:
-        features, classifier, disc_fn = torch.compile(features), torch.compile(classifier), torch.compile(disc)
-
+    features, classifier, disc_fn = (maybe_compile(m, args.compile) for m in (model.features, model.classifier, disc))
     domain_net = nn.Sequential(model.features, disc)  # G_d(G_f(x)), the same modules, for evaluation only
+    ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
 
     def evaluate():
         """Source validation error and domain-classifier error (the paper's unsupervised selection signals), and
         the target test accuracy (reported for the final model; during training a curve only, never for selection)."""
-        ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
         rec = {"source_val_err": 100 - accuracy(model, val_x, val_y, **ev),
-               "target_test_acc": accuracy(model, tgt.test_x, tgt.test_y, **ev)}
+               "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev)}
         if adapt:  # source images should be called 0 and target images 1; no labels of either are used
             wrong = ((predict(domain_net, val_x[:2000], **ev) != 0).sum() +
                      (predict(domain_net, tgt.test_x[:2000], **ev) != 1).sum())
             rec["domain_err"] = wrong.item() / (len(val_x[:2000]) + len(tgt.test_x[:2000])) * 100
         return rec
 
-    run_dir = make_run_dir(args.out, "dann", args.task, args.seed)
-    resolved = dict(vars(args), backbone=backbone_name, domain_hidden=list(hidden), lr_schedule=schedule, variant=variant,
-                    source=src.name, target=tgt.name)
-    atomic_write_json(resolved, run_dir / "args.json")
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    print(f"dann {args.task} ({variant}) | {src} -> {tgt} | {backbone_name} {count_params(model):,} params, "
-          f"domain classifier {list(hidden)} | {device} | run folder {run_dir}", flush=True)
+    print(f"dann {args.task} ({args.variant}) | {src} -> {tgt} | {args.backbone} {count_params(model):,} params, "
+          f"domain classifier {list(args.hidden)} | {device} | run folder {run_dir}", flush=True)
 
     # ---- training: one flat loop -------------------------------------------------------------------------------
-    d_labels = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(half, dtype=torch.long)]).to(device)
-    sums = torch.zeros(3, device=device)  # running sums of L_y, L_d, domain accuracy: read only when logging
-    progress = Progress(args.steps)
-    train_time, t_loop, n_window = 0.0, time.time(), 0  # training seconds (evaluation excluded), window size
-    for step in range(args.steps):
+    target_domain = torch.ones(half, dtype=torch.long, device=device)  # G_d's label for unlabelled target images
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    state = dict(model=model, disc=disc, opt=opt, labelled=labelled, unlabelled=unlabelled, g=g, meter=meter)
+    for step in range(load_checkpoint(args, run_dir, state), args.steps):
         # ALGO LOGIC
         p = step / args.steps
         lam = args.lambda_max * adaptation_factor(p, args.gamma)
-        lr = learning_rate(p, args.lr, args.lr_alpha, args.lr_beta) if schedule == "anneal" else args.lr
+        lr = learning_rate(p, args.lr, args.lr_alpha, args.lr_beta) if args.lr_schedule == "anneal" else args.lr
         for group in opt.param_groups:
             group["lr"] = lr
         idx = labelled.next()
@@ -265,58 +226,36 @@ def main(args):
                 f = features(x)
                 loss_y = F.cross_entropy(classifier(f[:half]), ys)  # L_y on labelled images only
                 d_logits = disc_fn(GradReverse.apply(f, lam))  # G_d(R_lambda(G_f(x)))
-                dl = torch.cat([pool_d[idx], d_labels[half:]])  # labelled target images (semi-sup.) are domain 1
+                dl = torch.cat([pool_d[idx], target_domain])  # labelled target images (semi-sup.) are domain 1
                 loss_d = F.cross_entropy(d_logits, dl)
                 loss = loss_y + loss_d  # eq. 9 through the GRL: G_f receives grad(L_y) - lambda grad(L_d)
+                stats = dict(loss_y=loss_y, loss_d=loss_d, dom_acc=(d_logits.argmax(1) == dl).float().mean())
             else:  # source-only / oracle: the paper's baselines have no domain branch
-                loss_y = F.cross_entropy(classifier(features(xs)), ys)
-                loss_d, loss = torch.zeros((), device=device), loss_y
+                loss = loss_y = F.cross_entropy(classifier(features(xs)), ys)
+                stats = dict(loss_y=loss_y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-        # TRY NOT TO MODIFY: logging and periodic evaluation (host syncs happen only here)
-        d_acc = (d_logits.argmax(1) == dl).float().mean() if adapt else torch.zeros((), device=device)
-        sums += torch.stack([loss_y.detach().float(), loss_d.detach().float(), d_acc])
-        n_window += 1
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            train_time += time.time() - t_loop
-            ly, ld, da = (sums / n_window).tolist()
-            print(progress.line(done, train_time, loss_y=ly, loss_d=ld, dom_acc=da, lam=lam, lr=lr), flush=True)
-            log.write(step=done, loss_y=ly, loss_d=ld, domain_acc_train=da, lam=lam, lr=lr,
-                      steps_per_sec=done / max(train_time, 1e-9))
-            sums.zero_()
-            n_window = 0
-            t_loop = time.time()
-        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
-            train_time += time.time() - t_loop
-            rec = evaluate()
-            log.write(step=done, **rec)
-            print("  eval | " + " ".join(f"{k} {v:.2f}" for k, v in rec.items()), flush=True)
-            t_loop = time.time()
+        # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints (host syncs only when logging)
+        meter.add(**stats)
+        meter.step(step + 1, evaluate, lam=lam, lr=lr)
+        save_checkpoint(run_dir, step + 1, args.ckpt_every, args.steps, state)
 
     # ---- final evaluation of the final model (no checkpoint selection) ------------------------------------------
     final = evaluate()
-    source_acc = accuracy(model, src.test_x, src.test_y, args.eval_batch_size, args.amp, args.input_range)
-    log.write(step=args.steps, **final, source_test_acc=source_acc)
-    log.close()
+    final["target_test_acc"] = final.pop("target_test_acc_curve")
+    final["source_test_acc"] = accuracy(model, src.test_x, src.test_y, **ev)
+    meter.write(step=args.steps, **final)
     if not args.no_save_model:
-        atomic_torch_save({"backbone": backbone_name, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
-                           "args": resolved}, run_dir / "model.pt")
+        atomic_torch_save({"backbone": args.backbone, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
+                           "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
-        "method": "dann", "task": args.task, "variant": variant, "seed": args.seed, "steps": args.steps,
-        "backbone": backbone_name, "target_acc": round(final["target_test_acc"], 3), "source_acc": round(source_acc, 3),
-        "source_val_err": round(final["source_val_err"], 3),
-        "domain_err": round(final["domain_err"], 3) if adapt else None,
-        "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
-        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
-        "versions": versions()})
+        "method": "dann", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
+        "backbone": args.backbone, "target_acc": round(final["target_test_acc"], 3),
+        "source_acc": round(final["source_test_acc"], 3), "source_val_err": round(final["source_val_err"], 3),
+        "domain_err": round(final["domain_err"], 3) if adapt else None}, meter, t_start, device)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    main_guard(main, parse_args)

@@ -52,8 +52,6 @@ ADDA (`--gan-layers fc4 ...`) varies the same way (85.34 / 97.16 / 94.97).
 
 import argparse
 import copy
-import pickle
-import sys
 import time
 from pathlib import Path
 
@@ -61,41 +59,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (INPUT_RANGES, TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy,
-                    atomic_torch_save, atomic_write_json, build_backbone, count_params, default_data_dir, finish,
-                    load_task, make_run_dir, setup_torch, to_float, versions)
+from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, build_backbone,
+                    check_args, count_params, finish, load_checkpoint, load_source, load_task, main_guard, make_run_dir,
+                    maybe_compile, parse, save_checkpoint, save_source, setup_torch, to_float, train_source, write_args)
 
 RECIPES = {
     "official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
     "paper": dict(optimizer="sgd", lr=1e-4, steps=20000, drift=0.5),
 }
+PAPER_GANS = (["relu3", "fc4"], [0.1, 1.0])  # Sec. 5: the last two layers, the penultimate one scaled by 0.1
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--task", default="mnist-usps", help=f"source-target pair: {', '.join(TASKS)}")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--steps", type=int, default=None, help="adaptation iterations (default: the recipe's)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the target network")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--out", default="runs", help="parent folder of the run folder")
-    g.add_argument("--log-every", type=int, default=500, help="progress line + metrics.jsonl record every N steps")
-    g.add_argument("--eval-every", type=int, default=2000, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--no-save-model", action="store_true", help="do not write the model files")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
-    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
-    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
-    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
-    g.add_argument("--input-range", default="0,1", choices=INPUT_RANGES, help="pixel range (official code: [0, 1])")
-    g.add_argument("--source-subset", default="full", choices=["full", "odd", "even"],
-                   help="Table 2: remove half of the odd/even digits from the source train split")
-    g.add_argument("--target-subset", default="full", choices=["full", "odd", "even"],
-                   help="Table 2: remove half of the odd/even digits from the target train split")
+    data = add_shared_args(p, task="mnist-usps", steps=None, steps_help="adaptation iterations (default: the recipe's)",
+                           log_every=500, eval_every=2000, input_range="0,1")
+    data.add_argument("--source-subset", default="full", choices=["full", "odd", "even"],
+                      help="Table 2: remove half of the odd/even digits from the source train split")
+    data.add_argument("--target-subset", default="full", choices=["full", "odd", "even"],
+                      help="Table 2: remove half of the odd/even digits from the target train split")
     g = p.add_argument_group("stage 1: source network F^s")
     g.add_argument("--source-ckpt", default=None,
                    help="F^s cache file: loaded if it exists (same source data/seed/stage-1 flags), else trained and saved")
@@ -117,7 +99,37 @@ def parse_args(argv=None):
                    help="one-at-a-time adds the next GAN every steps/len(layers) iterations (in --gan-layers order)")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
-    return p.parse_args(argv)
+    args = parse(p, argv)
+    check_args(args, positive=("lr", "source_lr"), at_least_one=("source_steps", "batch_size", "stats_samples"),
+               non_negative=("drift", "disc_pretrain"))
+    # derived defaults, resolved here so that args.json records the values used
+    for k, v in RECIPES[args.recipe].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.layers = [s.strip() for s in args.gan_layers.split(",") if s.strip()]
+    try:
+        args.weights = [float(w) for w in args.gan_weights.split(",")]
+    except ValueError:
+        raise UsageError(f"--gan-weights '{args.gan_weights}' is not a comma-separated list of numbers")
+    if len(args.weights) != len(args.layers) or not args.layers:
+        raise UsageError(f"--gan-layers ({len(args.layers)}) and --gan-weights ({len(args.weights)}) need one weight "
+                         "per layer")
+    lenet = build_backbone("lenet")
+    known = [n for n, _ in list(lenet.features.named_children()) + list(lenet.classifier.named_children())]
+    if any(layer not in known for layer in args.layers):
+        raise UsageError(f"--gan-layers must name LeNet layers: {', '.join(known)}")
+    if args.mode == "gaussian" and args.no_gaussian_init:
+        raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
+    args.gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
+    if args.mode != "gam":
+        args.variant = args.mode
+    elif args.layers == ["fc4"] and not args.gaussian_init:
+        args.variant = "adda+drift" if args.drift > 0 else "adda"
+    else:
+        args.variant = ("gam" if args.drift > 0 else "gam-no-drift") + ("" if args.gaussian_init else "-no-gaussian-init")
+        if (args.layers, args.weights) != PAPER_GANS:  # not the paper's matched layers / weights
+            args.variant += " (" + ", ".join(f"{k} {w:g}" for k, w in zip(args.layers, args.weights)) + ")"
+    return args
 
 
 # ALGO LOGIC: the method's own pieces
@@ -210,46 +222,10 @@ def make_optimizer(params, kind, lr):
 
 def main(args):
     t_start = time.time()
-    # ---- checks that need no data ------------------------------------------------------------------------------
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
-    recipe = RECIPES[args.recipe]
-    opt_kind = args.optimizer or recipe["optimizer"]
-    lr = args.lr if args.lr is not None else recipe["lr"]
-    steps = args.steps if args.steps is not None else recipe["steps"]
-    drift_w = args.drift if args.drift is not None else recipe["drift"]
-    layers = [s.strip() for s in args.gan_layers.split(",") if s.strip()]
-    try:
-        weights = [float(w) for w in args.gan_weights.split(",")]
-    except ValueError:
-        raise UsageError(f"--gan-weights '{args.gan_weights}' is not a comma-separated list of numbers")
-    if len(weights) != len(layers) or not layers:
-        raise UsageError(f"--gan-layers ({len(layers)}) and --gan-weights ({len(weights)}) need one weight per layer")
-    if steps < 1 or args.batch_size < 1 or args.log_every < 1 or args.eval_every < 0 or args.disc_pretrain < 0:
-        raise UsageError("--steps, --batch-size, --log-every must be >= 1; --eval-every, --disc-pretrain >= 0")
-    if drift_w < 0:
-        raise UsageError("--drift must be >= 0")
-    gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
-    if args.mode == "gaussian" and args.no_gaussian_init:
-        raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
-    if args.mode != "gam":
-        variant = args.mode
-    elif layers == ["fc4"] and not gaussian_init:
-        variant = "adda+drift" if drift_w > 0 else "adda"
-    else:
-        variant = ("gam" if drift_w > 0 else "gam-no-drift") + ("" if gaussian_init else "-no-gaussian-init")
-        if (layers, weights) != (["relu3", "fc4"], [0.1, 1.0]):  # not the paper's matched layers / weights
-            variant += " (" + ", ".join(f"{k} {w:g}" for k, w in zip(layers, weights)) + ")"
-
-    # TRY NOT TO MODIFY: seeding, device
+    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-
-    # ---- data ---------------------------------------------------------------------------------------------------
     f_s = build_backbone("lenet")
-    known = [n for n, _ in list(f_s.features.named_children()) + list(f_s.classifier.named_children())]
-    if any(layer not in known for layer in layers):
-        raise UsageError(f"--gan-layers must name LeNet layers: {', '.join(known)}")
     src, tgt = load_task(args.task, f_s.size, f_s.in_channels, device, args.data_dir, args.cache_dir,
                          download=not args.no_download)
     src_x, src_y = subset(src.train_x, src.train_y, args.source_subset, g)
@@ -258,55 +234,19 @@ def main(args):
     # stage 1's identity: a cached F^s is reused only by runs that would have trained the same one
     stage1 = dict(source=src.name, seed=args.seed, source_subset=args.source_subset, source_steps=args.source_steps,
                   source_lr=args.source_lr, batch_size=args.batch_size, input_range=args.input_range)
-    ckpt = Path(args.source_ckpt) if args.source_ckpt else None
-    loaded = bool(ckpt and ckpt.exists())
-    if loaded:  # stage 1 done before: F^s from the cache file
-        try:
-            saved = torch.load(ckpt, map_location="cpu")
-            f_s.load_state_dict(saved["model"])
-        except (OSError, KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-            raise DataError(f"could not load --source-ckpt {ckpt}: {e}; delete it to retrain")
-        diff = {k: (saved.get("stage1", {}).get(k), v) for k, v in stage1.items() if saved.get("stage1", {}).get(k) != v}
-        if diff:
-            raise UsageError(f"--source-ckpt {ckpt} was trained differently (saved vs this run: {diff}); "
-                             "use another path or delete it")
-
-    run_dir = make_run_dir(args.out, "gam", args.task, args.seed)
-    resolved = dict(vars(args), optimizer=opt_kind, lr=lr, steps=steps, drift=drift_w, gan_layers=layers,
-                    gan_weights=weights, variant=variant, source=src.name, target=tgt.name)
-    atomic_write_json(resolved, run_dir / "args.json")
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    print(f"gam {args.task} ({variant}) | {src} -> {tgt} | lenet {count_params(f_s):,} params | {device} | "
+    own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
+    loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
+    run_dir = make_run_dir(args, "gam")
+    write_args(run_dir, args, source=src.name, target=tgt.name)
+    print(f"gam {args.task} ({args.variant}) | {src} -> {tgt} | lenet {count_params(f_s):,} params | {device} | "
           f"run folder {run_dir}", flush=True)
 
     # ---- stage 1: source network F^s ---------------------------------------------------------------------------
     f_s = f_s.to(device)
     if not loaded:
-        opt = torch.optim.Adam(f_s.parameters(), lr=args.source_lr)
-        sampler = IndexSampler(len(src_x), args.batch_size, device, g)
-        progress, t0, loss_sum, n = Progress(args.source_steps), time.time(), torch.zeros((), device=device), 0
-        f_s.train()
-        for step in range(1, args.source_steps + 1):
-            idx = sampler.next()
-            loss = F.cross_entropy(f_s(to_float(src_x[idx], args.input_range)), src_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            n += 1
-            if step % args.log_every == 0 or step == args.source_steps:
-                print("source " + progress.line(step, time.time() - t0, loss_y=loss_sum.item() / n), flush=True)
-                loss_sum.zero_()
-                n = 0
-        saved = {"model": f_s.state_dict(), "task": args.task, "stage1": stage1}
-        if not args.no_save_model:
-            atomic_torch_save(saved, run_dir / "source.pt")
-        if ckpt:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(saved, ckpt)
-            print(f"F^s saved to {ckpt}", flush=True)
-    else:
-        print(f"F^s loaded from {ckpt} (stage 1 skipped)", flush=True)
+        train_source(f_s, src_x, src_y, steps=args.source_steps, batch_size=args.batch_size, lr=args.source_lr,
+                     weight_decay=0.0, generator=g, input_range=args.input_range, log_every=args.log_every, amp=args.amp)
+        save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
     f_s.eval().requires_grad_(False)  # frozen from here on
     no_adapt = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
                 "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
@@ -315,7 +255,7 @@ def main(args):
     # ---- stage 2a: Gaussian i.i.d. matching (eq. 2) --------------------------------------------------------------
     f_t = copy.deepcopy(f_s).requires_grad_(True)
     gaussian = None
-    if args.mode != "source-only" and gaussian_init:
+    if args.mode != "source-only" and args.gaussian_init:
         n = args.stats_samples
         gaussian_match(f_t, f_s, src_x[:n], tgt_x[:n], args.input_range)
         gaussian = {"target_acc": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
@@ -323,73 +263,64 @@ def main(args):
         print(f"Gaussian matching: target {gaussian['target_acc']:.2f} source {gaussian['source_acc']:.2f}", flush=True)
 
     # ---- stage 2b: general activation matching with one GAN per layer (eq. 3) -----------------------------------
-    train_time = 0.0
+    meter = None
     if args.mode == "gam":
         f_t.eval()  # no dropout in the matched activations
         ref = [p.detach().clone() for p in (f_t if args.drift_ref == "init" else f_s).parameters()]
         with torch.no_grad():
             dims = {k: v[:1].flatten(1).shape[1] for k, v in f_t.activations(to_float(src_x[:1], args.input_range)).items()}
-        discs = nn.ModuleDict({layer: discriminator(dims[layer]) for layer in layers}).to(device)
-        opt_d = make_optimizer(discs.parameters(), opt_kind, lr)
-        opt_t = make_optimizer(f_t.parameters(), opt_kind, lr)
-        acts_t = torch.compile(f_t.activations) if args.compile else f_t.activations
+        discs = nn.ModuleDict({layer: discriminator(dims[layer]) for layer in args.layers}).to(device)
+        opt_d = make_optimizer(discs.parameters(), args.optimizer, args.lr)
+        opt_t = make_optimizer(f_t.parameters(), args.optimizer, args.lr)
+        acts_t = maybe_compile(f_t.activations, args.compile)
         s_sampler = IndexSampler(len(src_x), args.batch_size, device, g)
         t_sampler = IndexSampler(len(tgt_x), args.batch_size, device, g)
-        progress, sums, n_window, t_loop = Progress(steps), torch.zeros(3, device=device), 0, time.time()
-        for it in range(args.disc_pretrain + steps):
+
+        def evaluate():  # a curve only: never used for selection
+            return {"target_test_acc_curve": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
+                    "source_test_acc": accuracy(f_t, src.test_x, src.test_y, **ev)}
+
+        total = args.disc_pretrain + args.steps
+        meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+        state = dict(f_t=f_t, discs=discs, opt_d=opt_d, opt_t=opt_t, s_sampler=s_sampler, t_sampler=t_sampler, g=g,
+                     meter=meter)
+        for it in range(load_checkpoint(args, run_dir, state), total):
             # ALGO LOGIC
             step = it - args.disc_pretrain  # < 0 while the discriminators are pre-trained
-            n_active = len(layers) if args.gan_schedule == "joint" or step < 0 else 1 + step * len(layers) // steps
-            active = dict(zip(layers[:n_active], weights[:n_active]))  # {layer: GAN loss weight}
+            n_active = (len(args.layers) if args.gan_schedule == "joint" or step < 0
+                        else 1 + step * len(args.layers) // args.steps)
+            active = dict(zip(args.layers[:n_active], args.weights[:n_active]))  # {layer: GAN loss weight}
             with torch.no_grad():
                 a_s = f_s.activations(to_float(src_x[s_sampler.next()], args.input_range))  # source net, source data
             a_t = acts_t(to_float(tgt_x[t_sampler.next()], args.input_range))  # target net, target data
             loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
             loss_gan = loss_drift = torch.zeros((), device=device)
             if step >= 0:  # after the discriminators' pre-training
-                loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, drift_w)
+                loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
 
-            # TRY NOT TO MODIFY: logging and evaluation
-            sums += torch.stack([loss_d.detach(), loss_gan.detach(), loss_drift.detach()])
-            n_window += 1
-            done = step + 1
-            if done > 0 and (done % args.log_every == 0 or done == steps):
-                train_time += time.time() - t_loop
-                ld, lg, lw = (sums / n_window).tolist()
-                print(progress.line(done, train_time, loss_d=ld, loss_gan=lg, drift=lw, gans=n_active), flush=True)
-                log.write(step=done, loss_d=ld, loss_gan=lg, drift=lw, steps_per_sec=done / max(train_time, 1e-9))
-                sums.zero_()
-                n_window, t_loop = 0, time.time()
-            if done > 0 and args.eval_every and done % args.eval_every == 0 and done != steps:
-                train_time += time.time() - t_loop
-                rec = {"step": done, "target_test_acc_curve": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
-                       "source_test_acc": accuracy(f_t, src.test_x, src.test_y, **ev)}
-                log.write(**rec)
-                print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
-                      flush=True)
-                t_loop = time.time()
+            # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
+            meter.add(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
+            if step + 1 > 0:
+                meter.step(step + 1, evaluate, gans=n_active)
+            save_checkpoint(run_dir, it + 1, args.ckpt_every, total, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
     target_acc = accuracy(f_t, tgt.test_x, tgt.test_y, **ev)
     source_acc = accuracy(f_t, src.test_x, src.test_y, **ev)
-    log.write(step=steps if args.mode == "gam" else 0, target_test_acc=target_acc, source_test_acc=source_acc)
-    log.close()
+    steps = args.steps if args.mode == "gam" else 0
+    if meter is None:
+        meter = Meter(run_dir, 0, 1)
+    meter.write(step=steps, target_test_acc=target_acc, source_test_acc=source_acc)
     if not args.no_save_model:
-        atomic_torch_save({"model": f_t.state_dict(), "args": resolved}, run_dir / "model.pt")
+        atomic_torch_save({"model": f_t.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
-        "method": "gam", "task": args.task, "variant": variant, "seed": args.seed,
-        "steps": steps if args.mode == "gam" else 0, "source_steps": 0 if loaded else args.source_steps,
+        "method": "gam", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": steps,
+        "source_steps": 0 if loaded else args.source_steps,
         "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
-        "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None,
-        "train_steps_per_sec": round(steps / max(train_time, 1e-9), 2) if args.mode == "gam" else None,
-        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
-        "versions": versions()})
+        "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},
+        meter if args.mode == "gam" else None, t_start, device)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    main_guard(main, parse_args)

@@ -53,40 +53,23 @@ source only with augmentation 91.1 / 67.0 / 71.5 for M->U / U->M / S->M. Measure
 """
 
 import argparse
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
-                    atomic_write_json, count_params, default_data_dir, finish, load_task, make_run_dir,
-                    random_affine, setup_torch, to_float, versions)
+from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
+                    check_args, count_params, finish, load_checkpoint, load_task, main_guard, make_run_dir,
+                    maybe_compile, parse, random_affine, save_checkpoint, setup_torch, to_float, write_args)
 
 LAMBDAS = ("c", "z", "tr", "id_x", "id_y", "cyc", "trc")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--task", default="mnist-usps", help=f"source-target pair: {', '.join(TASKS)}")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--steps", type=int, default=20000, help="generator-side iterations (the paper does not say)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--out", default="runs", help="parent folder of the run folder")
-    g.add_argument("--log-every", type=int, default=200, help="progress line + metrics.jsonl record every N steps")
-    g.add_argument("--eval-every", type=int, default=2000, help="log the target accuracy curve every N steps (0: end)")
-    g.add_argument("--no-save-model", action="store_true", help="do not write model.pt")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
-    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
-    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
-    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    add_shared_args(p, task="mnist-usps", steps=20000, steps_help="generator-side iterations (the paper does not say)",
+                    log_every=200, eval_every=2000)
     g = p.add_argument_group("losses, eq. 7 (defaults: Sec. 4.1's digit setting; 0 switches a term off)")
     g.add_argument("--lambda-c", type=float, default=1.0, help="Q_c: source classification")
     g.add_argument("--lambda-z", type=float, default=0.05, help="Q_z: latent-space critic (target features only)")
@@ -103,7 +86,22 @@ def parse_args(argv=None):
     g.add_argument("--gp-weight", type=float, default=10.0, help="WGAN-GP gradient-penalty weight")
     g.add_argument("--aug-translate", type=float, default=0.1, help="random translation, fraction of the side (0: off)")
     g.add_argument("--aug-rotate", type=float, default=10.0, help="random rotation, degrees (0: off)")
-    return p.parse_args(argv)
+    args = parse(p, argv)
+    check_args(args, positive=("lr",), at_least_one=("critic_steps",),
+               non_negative=("gp_weight", "aug_translate", "aug_rotate") + tuple(f"lambda_{k}" for k in LAMBDAS))
+    if args.batch_size < 2:
+        raise UsageError("--batch-size must be >= 2 (BatchNorm statistics)")
+    args.lam = {k: getattr(args, f"lambda_{k}") for k in LAMBDAS}
+    if args.lam["c"] == 0 and args.lam["trc"] == 0:
+        raise UsageError("--lambda-c 0 and --lambda-trc 0 leave the classifier h untrained; switch one on")
+    try:
+        args.adam_betas = tuple(float(b) for b in args.betas.split(","))
+        assert len(args.adam_betas) == 2
+    except (ValueError, AssertionError):
+        raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
+    on = [k for k in LAMBDAS if args.lam[k] > 0]
+    args.variant = "full" if len(on) == len(LAMBDAS) else ("source-only" if on == ["c"] else "+".join(on))
+    return args
 
 
 # ALGO LOGIC: the method's own pieces
@@ -150,7 +148,7 @@ def build_networks(lam):
     x2y = lam["tr"] > 0 or lam["cyc"] > 0 or lam["trc"] > 0  # needs g_y(f(x))
     y2x = lam["tr"] > 0 or lam["cyc"] > 0  # needs g_x(f(y))
     nets = nn.ModuleDict({"enc": encoder(), "cls": classifier()})
-    need_gx, need_gy = lam["id_x"] > 0 or y2x or lam["cyc"] > 0, lam["id_y"] > 0 or x2y
+    need_gx, need_gy = lam["id_x"] > 0 or y2x, lam["id_y"] > 0 or x2y
     if need_gx or need_gy:
         nets["dec"] = decoder_shared()
     if need_gx:
@@ -220,7 +218,7 @@ def generator_losses(nets, xs, ys, xt, lam):
         out["cyc"] = (x_back - xs).abs().mean() + (y_back - xt).abs().mean()
     if lam["trc"] > 0:  # eq. 6 on the detached translation
         out["trc"] = F.cross_entropy(nets["cls"](nets["enc"](x2y.detach())), ys)
-    return out, x2y, y2x
+    return out
 
 
 def save_grid(nets, xs, xt, path):
@@ -242,119 +240,83 @@ def save_grid(nets, xs, xt, path):
 
 def main(args):
     t_start = time.time()
-    # ---- checks that need no data ------------------------------------------------------------------------------
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
-    lam = {k: getattr(args, f"lambda_{k}") for k in LAMBDAS}
-    if any(v < 0 for v in lam.values()):
-        raise UsageError("every --lambda-* must be >= 0")
-    if lam["c"] == 0 and lam["trc"] == 0:
-        raise UsageError("--lambda-c 0 and --lambda-trc 0 leave the classifier h untrained; switch one on")
-    try:
-        betas = tuple(float(b) for b in args.betas.split(","))
-        assert len(betas) == 2
-    except (ValueError, AssertionError):
-        raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
-    if args.steps < 1 or args.batch_size < 2 or args.log_every < 1 or args.eval_every < 0 or args.critic_steps < 1:
-        raise UsageError("--steps, --log-every, --critic-steps must be >= 1, --batch-size >= 2, --eval-every >= 0")
-
-    # TRY NOT TO MODIFY: seeding, device
+    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-
-    # ---- data ---------------------------------------------------------------------------------------------------
     src, tgt = load_task(args.task, 32, 1, device, args.data_dir, args.cache_dir, download=not args.no_download)
-    run_dir = make_run_dir(args.out, "i2i_adapt", args.task, args.seed)
-    on = [k for k in LAMBDAS if lam[k] > 0]
-    variant = "full" if len(on) == len(LAMBDAS) else ("source-only" if on == ["c"] else "+".join(on))
-    atomic_write_json(dict(vars(args), variant=variant, source=src.name, target=tgt.name), run_dir / "args.json")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    run_dir = make_run_dir(args, "i2i_adapt")
+    write_args(run_dir, args, source=src.name, target=tgt.name)
 
-    # ---- models -------------------------------------------------------------------------------------------------
+    # ALGO LOGIC: the networks some switched-on loss needs, two optimisers (generator side, critics)
+    lam = args.lam
     nets = build_networks(lam).to(device)
     critics = [k for k in ("d_z", "d_x", "d_y") if k in nets]
     gen_params = [p for k, m in nets.items() if k not in critics for p in m.parameters()]
-    opt_g = torch.optim.Adam(gen_params, lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam([p for k in critics for p in nets[k].parameters()], lr=args.lr, betas=betas) if critics else None
-    if args.compile:
-        nets["enc"] = torch.compile(nets["enc"])
+    opt_g = torch.optim.Adam(gen_params, lr=args.lr, betas=args.adam_betas)
+    opt_d = torch.optim.Adam([p for k in critics for p in nets[k].parameters()], lr=args.lr, betas=args.adam_betas) \
+        if critics else None
+    maybe_compile(nets["enc"], args.compile)
     model = nn.Sequential(nets["enc"], nets["cls"])  # h(f(.)): what is evaluated
+    ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
     sizes = {k: count_params(m) for k, m in nets.items()}
-    print(f"i2i_adapt {args.task} ({variant}) | {src} -> {tgt} | networks {sizes} | {device} | run folder {run_dir}",
+    print(f"i2i_adapt {args.task} ({args.variant}) | {src} -> {tgt} | networks {sizes} | {device} | run folder {run_dir}",
           flush=True)
 
-    # ---- training -----------------------------------------------------------------------------------------------
     def augment(x_uint8):
         x = to_float(x_uint8)
         if args.aug_translate > 0 or args.aug_rotate > 0:
             x = random_affine(x, args.aug_translate, args.aug_rotate, g)
         return x
 
+    def evaluate():  # a curve only: never used for selection
+        rec = {"target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
+               "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+        nets.train()  # accuracy() put the Sequential's modules back in its own mode
+        return rec
+
+    # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
-    names = list(LAMBDAS) + ["critic"]
-    progress, sums, n_window, t_loop, train_time = Progress(args.steps), torch.zeros(len(names), device=device), 0, \
-        time.time(), 0.0
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    state = dict(nets=nets, opt_g=opt_g, **({"opt_d": opt_d} if opt_d else {}), s_sampler=s_sampler,
+                 t_sampler=t_sampler, g=g, meter=meter)
     nets.train()
-    for step in range(1, args.steps + 1):
+    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
         # ALGO LOGIC
-        loss_d = torch.zeros((), device=device)
         for _ in range(args.critic_steps if critics else 0):  # critics first (alternating optimisation)
-            loss_d = critic_loss(nets, augment(src.train_x[s_sampler.next()]), augment(tgt.train_x[t_sampler.next()]),
-                                 args.gp_weight, g)
+            with autocast(device, args.amp):
+                loss_d = critic_loss(nets, augment(src.train_x[s_sampler.next()]),
+                                     augment(tgt.train_x[t_sampler.next()]), args.gp_weight, g)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
         idx = s_sampler.next()
         # xt is drawn even for source only (where the encoder never sees it), so every variant shares one random stream
         xs, ys, xt = augment(src.train_x[idx]), src.train_y[idx], augment(tgt.train_x[t_sampler.next()])
-        terms, _, _ = generator_losses(nets, xs, ys, xt, lam)
-        loss = sum(lam[k] * v for k, v in terms.items())  # eq. 7
+        with autocast(device, args.amp):
+            terms = generator_losses(nets, xs, ys, xt, lam)
+            loss = sum(lam[k] * v for k, v in terms.items())  # eq. 7
         opt_g.zero_grad(set_to_none=True)
         loss.backward()  # (gradients that reach the critics here are dropped by their next zero_grad)
         opt_g.step()
 
-        # TRY NOT TO MODIFY: logging and evaluation
-        zero = torch.zeros((), device=device)
-        sums += torch.stack([terms.get(k, zero).detach() for k in LAMBDAS] + [loss_d.detach()])
-        n_window += 1
-        if step % args.log_every == 0 or step == args.steps:
-            train_time += time.time() - t_loop
-            vals = dict(zip(names, (sums / n_window).tolist()))
-            print(progress.line(step, train_time, **{f"Q_{k}": v for k, v in vals.items() if k == "critic" or lam[k] > 0}),
-                  flush=True)
-            log.write(step=step, **{f"Q_{k}": v for k, v in vals.items()}, steps_per_sec=step / max(train_time, 1e-9))
-            sums.zero_()
-            n_window, t_loop = 0, time.time()
-        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            train_time += time.time() - t_loop
-            rec = {"step": step, "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp),
-                   "source_test_acc": accuracy(model, src.test_x, src.test_y, args.eval_batch_size, args.amp)}
-            nets.train()  # accuracy() put the Sequential's modules back in its own mode
-            log.write(**rec)
-            print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
-                  flush=True)
-            t_loop = time.time()
+        # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
+        meter.add(**{f"Q_{k}": v for k, v in terms.items()}, **({"Q_critic": loss_d} if critics else {}))
+        meter.step(step, evaluate)
+        save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    target_acc = accuracy(model, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)
-    source_acc = accuracy(model, src.test_x, src.test_y, args.eval_batch_size, args.amp)
-    log.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
-    log.close()
+    target_acc = accuracy(model, tgt.test_x, tgt.test_y, **ev)
+    source_acc = accuracy(model, src.test_x, src.test_y, **ev)
+    meter.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
     save_grid(nets, to_float(src.test_x[:8]), to_float(tgt.test_x[:8]), run_dir / "translations.png")
     if not args.no_save_model:
         atomic_torch_save({"nets": nets.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
-        "method": "i2i_adapt", "task": args.task, "variant": variant, "seed": args.seed, "steps": args.steps,
-        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3), "lambdas": lam, "networks": sizes,
-        "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
-        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
-        "versions": versions()})
+        "method": "i2i_adapt", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
+        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3), "lambdas": lam, "networks": sizes},
+        meter, t_start, device)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    main_guard(main, parse_args)

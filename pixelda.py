@@ -44,39 +44,25 @@ G has dropped the class.
 """
 
 import argparse
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (TASKS, DataError, IndexSampler, MetricsLog, Progress, UsageError, accuracy, atomic_torch_save,
-                    atomic_write_json, build_backbone, count_params, default_data_dir, finish, load_task,
-                    make_run_dir, setup_torch, to_float, versions)
+from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
+                    build_backbone, check_args, count_params, finish, load_checkpoint, load_task, main_guard,
+                    make_run_dir, maybe_compile, parse, save_checkpoint, setup_torch, to_float, write_args)
+
+# The loss weights of the official MNIST->MNIST-M run (the release's README); others are named in the variant.
+OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "content_weight": 0.0113173311334,
+                    "task_in_g_weight": 0.0100959947002}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--task", default="mnist-mnistm", help=f"source-target pair: {', '.join(TASKS)}")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--steps", type=int, default=500_000, help="training iterations (official: 16M examples / 32)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile G, D and T")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--out", default="runs", help="parent folder of the run folder")
-    g.add_argument("--log-every", type=int, default=200, help="progress line + metrics.jsonl record every N steps")
-    g.add_argument("--eval-every", type=int, default=2000, help="log the target accuracy curve every N steps (0: end)")
-    g.add_argument("--grid-every", type=int, default=5000, help="write a PNG grid every N steps (0: only at the end)")
-    g.add_argument("--no-save-model", action="store_true", help="do not write model.pt")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
-    g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
-    g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
-    g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    add_shared_args(p, task="mnist-mnistm", steps=500_000, steps_help="training iterations (official: 16M examples / 32)",
+                    log_every=200, eval_every=2000)
     g = p.add_argument_group("method (defaults: the official MNIST->MNIST-M hyperparameters)")
     g.add_argument("--source-only", action="store_true", help="train T on source images only (no G, no D)")
     g.add_argument("--batch-size", type=int, default=32, help="images per domain per step")
@@ -86,16 +72,33 @@ def parse_args(argv=None):
     g.add_argument("--lr-decay-steps", type=int, default=20_000, help="steps between lr decays")
     g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip per network (0: none)")
     g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay of G and T")
-    g.add_argument("--domain-weight", type=float, default=0.135603587834, help="weight of the GAN losses")
-    g.add_argument("--content-weight", type=float, default=0.0113173311334, help="weight of the masked PMSE in G")
-    g.add_argument("--task-in-g-weight", type=float, default=0.0100959947002, help="weight of T's loss in G's step")
+    g.add_argument("--domain-weight", type=float, default=OFFICIAL_WEIGHTS["domain_weight"], help="weight of the GAN losses")
+    g.add_argument("--content-weight", type=float, default=OFFICIAL_WEIGHTS["content_weight"],
+                   help="weight of the masked PMSE in G")
+    g.add_argument("--task-in-g-weight", type=float, default=OFFICIAL_WEIGHTS["task_in_g_weight"],
+                   help="weight of T's loss in G's step")
     g.add_argument("--noise-dim", type=int, default=10, help="dimension of z ~ U[-1, 1]")
     g.add_argument("--res-blocks", type=int, default=6, help="residual blocks in G")
     g.add_argument("--d-noise", type=float, default=0.2, help="std of D's Gaussian noise on hidden layers (training)")
     g.add_argument("--d-dropout", type=float, default=0.1, help="D's dropout on hidden layers (training)")
     g.add_argument("--mask-threshold", type=float, default=0.0, help="foreground: source pixels above this ([-1, 1])")
     g.add_argument("--private-conv", action="store_true", help="T: a private first conv for source images")
-    return p.parse_args(argv)
+    g.add_argument("--grid-every", type=int, default=5000, help="write a PNG grid every N steps (0: only at the end)")
+    args = parse(p, argv)
+    check_args(args, positive=("lr", "lr_decay"), at_least_one=("lr_decay_steps", "noise_dim"),
+               non_negative=("clip", "weight_decay", "domain_weight", "content_weight", "task_in_g_weight",
+                             "res_blocks", "d_noise", "grid_every"))
+    if args.batch_size < 2:
+        raise UsageError("--batch-size must be >= 2 (BatchNorm statistics)")
+    if not 0 <= args.beta1 < 1 or not 0 <= args.d_dropout < 1:
+        raise UsageError("--beta1 and --d-dropout must be in [0, 1)")
+    if args.source_only and args.private_conv:
+        raise UsageError("--private-conv needs translated images; --source-only has none")
+    weights = [f"{k.replace('_weight', '').replace('task_in_g', 'task-in-G')} {getattr(args, k):g}"
+               for k, v in OFFICIAL_WEIGHTS.items() if getattr(args, k) != v]
+    args.variant = "source-only" if args.source_only else ("pixelda" + ("+private-conv" if args.private_conv else "") +
+                                                           (f" ({', '.join(weights)})" if weights else ""))
+    return args
 
 
 # ALGO LOGIC: the method's own pieces
@@ -159,9 +162,22 @@ def masked_pmse(a, b, mask):
     return (d.pow(2).sum((1, 2, 3)) / k - (d.sum((1, 2, 3)) / k).pow(2)).mean()
 
 
+def discriminator_loss(d_net, xt, fake):
+    """D's GAN loss: real target images are labelled 1, G's renderings 0 (detached: this step does not train G)."""
+    return (F.binary_cross_entropy_with_logits(d_net(xt), torch.ones(len(xt), device=xt.device)) +
+            F.binary_cross_entropy_with_logits(d_net(fake.detach()), torch.zeros(len(fake), device=fake.device)))
+
+
+def generator_gan_loss(d_net, fake):
+    """G's (non-saturating) GAN loss: its renderings should be called real target images, label 1."""
+    return F.binary_cross_entropy_with_logits(d_net(fake), torch.ones(len(fake), device=fake.device))
+
+
 def task_logits(t_net, x, first_conv=None):
     """T(x); `first_conv` replaces T's first conv (the private tower for source images)."""
-    h = (first_conv or t_net.features[0])(x)
+    if first_conv is None:
+        return t_net(x)
+    h = first_conv(x)
     for layer in list(t_net.features)[1:]:
         h = layer(h)
     return t_net.classifier(h)
@@ -191,34 +207,16 @@ def save_grid(g_net, xs, xt, noise_dim, path, n_z=3, generator=None):
 
 def main(args):
     t_start = time.time()
-    # ---- checks that need no data ------------------------------------------------------------------------------
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
-    if args.steps < 1 or args.batch_size < 2 or args.log_every < 1 or args.lr_decay_steps < 1:
-        raise UsageError("--steps, --log-every, --lr-decay-steps must be >= 1 and --batch-size >= 2 (BatchNorm)")
-    if args.eval_every < 0 or args.grid_every < 0 or args.noise_dim < 1 or args.res_blocks < 0:
-        raise UsageError("--eval-every, --grid-every, --res-blocks must be >= 0 and --noise-dim >= 1")
-    if args.source_only and args.private_conv:
-        raise UsageError("--private-conv needs translated images; --source-only has none")
-
-    # TRY NOT TO MODIFY: seeding, device
+    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-
-    # ---- data ---------------------------------------------------------------------------------------------------
     t_net = build_backbone("dann_mnist")
     src, tgt = load_task(args.task, t_net.size, t_net.in_channels, device, args.data_dir, args.cache_dir,
                          download=not args.no_download)
-    default = parse_args([])  # loss weights that differ from the official ones are named in the variant
-    weights = [f"{name} {getattr(args, k):g}" for name, k in (("domain", "domain_weight"), ("content", "content_weight"),
-               ("task-in-G", "task_in_g_weight")) if getattr(args, k) != getattr(default, k)]
-    variant = "source-only" if args.source_only else ("pixelda" + ("+private-conv" if args.private_conv else "") +
-                                                      (f" ({', '.join(weights)})" if weights else ""))
-    run_dir = make_run_dir(args.out, "pixelda", args.task, args.seed)
-    atomic_write_json(dict(vars(args), variant=variant, source=src.name, target=tgt.name), run_dir / "args.json")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    run_dir = make_run_dir(args, "pixelda")
+    write_args(run_dir, args, source=src.name, target=tgt.name)
 
-    # ---- models -------------------------------------------------------------------------------------------------
+    # ALGO LOGIC: G, D, T (official initialisation), Adam with a staircase decay for each
     ch, size = t_net.in_channels, t_net.size
     # a gray target (USPS, MNIST: replicated to 3 channels on loading) gets a 1-channel G, replicated the same way
     gray_target = bool((tgt.train_x[:, 1:] == tgt.train_x[:, :1]).all())
@@ -238,39 +236,47 @@ def main(args):
     opt_g = torch.optim.Adam(g_net.parameters(), weight_decay=args.weight_decay, **adam)
     opts = (opt_t,) if args.source_only else (opt_t, opt_d, opt_g)
     scheds = [torch.optim.lr_scheduler.StepLR(o, args.lr_decay_steps, args.lr_decay) for o in opts]
-    print(f"pixelda {args.task} ({variant}) | {src} -> {tgt} | T {count_params(t_net):,} G {count_params(g_net):,} "
+    print(f"pixelda {args.task} ({args.variant}) | {src} -> {tgt} | T {count_params(t_net):,} G {count_params(g_net):,} "
           f"D {count_params(d_net):,} params | {device} | run folder {run_dir}", flush=True)
-    g_fwd = torch.compile(g_net) if args.compile else g_net
-    d_fwd = torch.compile(d_net) if args.compile else d_net
+    for net in (g_net, d_net, t_net):
+        maybe_compile(net, args.compile)
+    ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
+
+    def evaluate():  # a curve only: never used for selection
+        return {"target_test_acc_curve": accuracy(t_net, tgt.test_x, tgt.test_y, **ev),
+                "source_test_acc": accuracy(t_net, src.test_x, src.test_y, **ev)}
 
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
-    ones = torch.ones(args.batch_size, device=device)
-    zeros = torch.zeros(args.batch_size, device=device)
     grid_xs, grid_xt = to_float(src.test_x[:8]), to_float(tgt.test_x[:8])
-    progress, sums, n_window, t_loop, train_time = Progress(args.steps), torch.zeros(5, device=device), 0, time.time(), 0.0
+    grid_g = torch.Generator(device=device).manual_seed(args.seed)  # the grids' own z: they never move training's
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    state = dict(t_net=t_net, g_net=g_net, d_net=d_net, **({"private": private} if private is not None else {}),
+                 **{f"opt{i}": o for i, o in enumerate(opts)}, **{f"sched{i}": s for i, s in enumerate(scheds)},
+                 s_sampler=s_sampler, t_sampler=t_sampler, g=g, grid_g=grid_g, meter=meter)
     t_net.train(), g_net.train(), d_net.train()
-    for step in range(1, args.steps + 1):
+    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
         # ALGO LOGIC
         idx = s_sampler.next()
         xs, ys = to_float(src.train_x[idx]), src.train_y[idx]
         if args.source_only:
-            loss_t = F.cross_entropy(t_net(xs), ys)
+            with autocast(device, args.amp):
+                loss_t = F.cross_entropy(t_net(xs), ys)
             opt_t.zero_grad(set_to_none=True)
             loss_t.backward()
             clip_and_step(opt_t, t_params, args.clip)
-            loss_d = loss_g = loss_c = acc_fake = torch.zeros((), device=device)
+            stats = dict(loss_t=loss_t)
         else:
             xt = to_float(tgt.train_x[t_sampler.next()])
             z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
-            fake = g_fwd(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
+            with autocast(device, args.amp):
+                fake = g_net(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
 
-            # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
-            loss_d = args.domain_weight * (F.binary_cross_entropy_with_logits(d_fwd(xt), ones) +
-                                           F.binary_cross_entropy_with_logits(d_fwd(fake.detach()), zeros))
-            logits_fake = task_logits(t_net, fake.detach())
-            loss_t = F.cross_entropy(task_logits(t_net, xs, private), ys) + F.cross_entropy(logits_fake, ys)
+                # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
+                loss_d = args.domain_weight * discriminator_loss(d_net, xt, fake)
+                logits_fake = task_logits(t_net, fake.detach())
+                loss_t = F.cross_entropy(task_logits(t_net, xs, private), ys) + F.cross_entropy(logits_fake, ys)
             opt_d.zero_grad(set_to_none=True)
             opt_t.zero_grad(set_to_none=True)
             (loss_d + loss_t).backward()
@@ -278,62 +284,41 @@ def main(args):
             clip_and_step(opt_t, t_params, args.clip)
 
             # G step: fool D, keep the foreground's shape (masked PMSE), keep the class for T
-            mask = (xs.mean(1, keepdim=True) > args.mask_threshold)
-            loss_g = args.domain_weight * F.binary_cross_entropy_with_logits(d_fwd(fake), ones)
-            loss_c = masked_pmse(fake, xs, mask)
-            loss_gt = F.cross_entropy(task_logits(t_net, fake), ys)
+            with autocast(device, args.amp):
+                mask = (xs.mean(1, keepdim=True) > args.mask_threshold)
+                loss_g = args.domain_weight * generator_gan_loss(d_net, fake)
+                loss_c = masked_pmse(fake, xs, mask)
+                loss_gt = F.cross_entropy(task_logits(t_net, fake), ys)
             opt_g.zero_grad(set_to_none=True)
             (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward()
             clip_and_step(opt_g, g_net.parameters(), args.clip)
-            acc_fake = (logits_fake.argmax(1) == ys).float().mean()
+            stats = dict(loss_t=loss_t, loss_d=loss_d, loss_g=loss_g, pmse=loss_c,
+                         t_acc_on_fake=(logits_fake.argmax(1) == ys).float().mean())
         for s in scheds:
             s.step()
 
-        # TRY NOT TO MODIFY: logging, curves, grids
-        sums += torch.stack([loss_t.detach(), loss_d.detach(), loss_g.detach(), loss_c.detach(), acc_fake])
-        n_window += 1
-        if step % args.log_every == 0 or step == args.steps:
-            train_time += time.time() - t_loop
-            lt, ld, lg, lc, af = (sums / n_window).tolist()
-            lr = opts[0].param_groups[0]["lr"]
-            print(progress.line(step, train_time, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, t_acc_on_fake=af, lr=lr),
-                  flush=True)
-            log.write(step=step, loss_t=lt, loss_d=ld, loss_g=lg, pmse=lc, t_acc_on_fake=af, lr=lr,
-                      steps_per_sec=step / max(train_time, 1e-9))
-            sums.zero_()
-            n_window, t_loop = 0, time.time()
-        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            train_time += time.time() - t_loop
-            rec = {"step": step, "target_test_acc_curve": accuracy(t_net, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp),
-                   "source_test_acc": accuracy(t_net, src.test_x, src.test_y, args.eval_batch_size, args.amp)}
-            log.write(**rec)
-            print(f"  eval | target (curve only) {rec['target_test_acc_curve']:.2f} source {rec['source_test_acc']:.2f}",
-                  flush=True)
-            t_loop = time.time()
+        # TRY NOT TO MODIFY: logging, the accuracy curve, grids, checkpoints
+        meter.add(**stats)
+        meter.step(step, evaluate, lr=opts[0].param_groups[0]["lr"])
         if not args.source_only and args.grid_every and step % args.grid_every == 0:
-            save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / f"samples_{step:07d}.png")
+            save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / f"samples_{step:07d}.png", generator=grid_g)
+        save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    target_acc = accuracy(t_net, tgt.test_x, tgt.test_y, args.eval_batch_size, args.amp)
-    source_acc = accuracy(t_net, src.test_x, src.test_y, args.eval_batch_size, args.amp)
-    log.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
-    log.close()
+    target_acc = accuracy(t_net, tgt.test_x, tgt.test_y, **ev)
+    source_acc = accuracy(t_net, src.test_x, src.test_y, **ev)
+    meter.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
     if not args.source_only:
-        save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png")
+        save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png", generator=grid_g)
     if not args.no_save_model:
         atomic_torch_save({"task_net": t_net.state_dict(), "generator": g_net.state_dict(),
-                           "discriminator": d_net.state_dict(), "args": vars(args)}, run_dir / "model.pt")
+                           "discriminator": d_net.state_dict(),
+                           "private_conv": private.state_dict() if private is not None else None,
+                           "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
-        "method": "pixelda", "task": args.task, "variant": variant, "seed": args.seed, "steps": args.steps,
-        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
-        "train_steps_per_sec": round(args.steps / max(train_time, 1e-9), 2),
-        "seconds": round(time.time() - t_start, 1), "device": str(device), "run_dir": str(run_dir),
-        "versions": versions()})
+        "method": "pixelda", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
+        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3)}, meter, t_start, device)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (DataError, UsageError) as e:  # a missing dataset or an impossible flag: one line that says what to do
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    main_guard(main, parse_args)
