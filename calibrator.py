@@ -69,9 +69,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
-                    build_backbone, check_args, count_params, finish, load_checkpoint, load_source, load_task,
-                    main_guard, make_run_dir, maybe_compile, parse, save_checkpoint, save_source, setup_torch, to_float,
-                    train_source, write_args)
+                    backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint,
+                    load_source, load_task, main_guard, make_run_dir, maybe_compile, parse, save_checkpoint,
+                    save_source, setup_torch, to_float, train_source, write_args, write_predictions)
 
 # Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
 TASK_DEFAULTS = {
@@ -88,7 +88,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_shared_args(p, task="mnist-usps", steps=None, steps_help="calibrator steps; overrides --epochs",
                     log_every=100, eval_every=1000)
-    g = p.add_argument_group("stage 1: source classifier F_s (dtn)")
+    g = p.add_argument_group("stage 1: source classifier F_s")
+    g.add_argument("--backbone", default="dtn", choices=["dtn", "resnet18", "resnet50"],
+                   help="F_s: the digit DTN (32x32 RGB), or a ResNet for larger images of a folder task")
+    g.add_argument("--image-size", type=int, default=0, help="input size of a ResNet F_s (0: 224; a multiple of 4)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="ResNet F_s: torchvision's ImageNet weights from the local torch cache (an error if absent)")
     g.add_argument("--source-ckpt", default=None,
                    help="F_s cache file: loaded if it exists (same source data/seed/stage-1 flags), else trained and saved")
     g.add_argument("--source-epochs", type=float, default=None, help="epochs over the source train split (task default)")
@@ -132,8 +137,13 @@ def parse_args(argv=None):
         raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
     if not 0 < args.linf <= 2:
         raise UsageError(f"--linf must be in (0, 2] (pixels live in [-1, 1]; got {args.linf})")
-    if not 1 <= args.patch <= 32:
-        raise UsageError(f"--patch must be between 1 and the image size, 32 (got {args.patch})")
+    if (args.image_size or args.pretrained) and args.backbone == "dtn":
+        raise UsageError("--image-size and --pretrained go with --backbone resnet18 or resnet50")
+    args.size = backbone_input(args.backbone, args.image_size)[1]
+    if args.size < 32 or args.size % 4:
+        raise UsageError(f"--image-size must be a multiple of 4 and >= 32 (got {args.size})")
+    if not 1 <= args.patch <= args.size:
+        raise UsageError(f"--patch must be between 1 and the image size, {args.size} (got {args.patch})")
     if not 0 <= args.calib_dropout < 1:
         raise UsageError(f"--calib-dropout must be in [0, 1) (got {args.calib_dropout})")
     if args.source_bn == "train" and args.batch_size < 2:
@@ -263,9 +273,8 @@ def main(args):
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    f_s = build_backbone("dtn")
-    src, tgt = load_task(args.task, f_s.size, f_s.in_channels, device, args.data_dir, args.cache_dir,
-                         download=not args.no_download)
+    src, tgt = load_task(args, args.size, 3, device)
+    f_s = build_backbone(args.backbone, len(src.classes), args.image_size, args.pretrained)
     steps_per_epoch = max(1, min(len(src.train_x), len(tgt.train_x)) // args.batch_size)
     if args.steps is None:  # resolved from the dataset sizes; args.json records it
         args.steps = max(1, round(args.epochs * steps_per_epoch))
@@ -279,7 +288,7 @@ def main(args):
     run_dir = make_run_dir(args, "calibrator")
     write_args(run_dir, args, source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name,
                target=tgt.name)
-    print(f"calibrator {args.task} | {src} -> {tgt} | dtn {count_params(f_s):,} params | {device} | "
+    print(f"calibrator {args.task} | {src} -> {tgt} | {args.backbone} {count_params(f_s):,} params | {device} | "
           f"run folder {run_dir}", flush=True)
 
     # ---- stage 1: source classifier F_s ------------------------------------------------------------------------
@@ -296,7 +305,7 @@ def main(args):
 
     # ---- stage 2: the calibrator and the two discriminators ----------------------------------------------------
     g_c = Calibrator(3, args.width, args.blocks, args.linf, args.perturb, args.calib_dropout).to(device)
-    probe = torch.zeros(1, 3, 32, 32, device=device)
+    probe = torch.zeros(1, 3, args.size, args.size, device=device)
     cost = {"calibrator_params": count_params(g_c), "classifier_params": count_params(f_s),
             "calibrator_macs": count_macs(g_c, probe), "classifier_macs": count_macs(f_s, probe)}
     cost["param_ratio"] = cost["calibrator_params"] / cost["classifier_params"]
@@ -304,7 +313,7 @@ def main(args):
     print(f"calibrator {cost['calibrator_params']:,} params ({100 * cost['param_ratio']:.1f}% of F_s), "
           f"{cost['calibrator_macs'] / 1e6:.2f}M MACs/image ({100 * cost['macs_ratio']:.1f}% of F_s's "
           f"{cost['classifier_macs'] / 1e6:.2f}M)", flush=True)
-    feat_dim = 10 if args.feat_input == "softmax" else f_s.feature_dim
+    feat_dim = len(src.classes) if args.feat_input == "softmax" else f_s.feature_dim
     d_feat = feature_discriminator(feat_dim).to(device)
     d_pix = pixel_discriminator(args.patch, 3, args.pixel_hidden).to(device)
     opt_g = torch.optim.Adam(g_c.parameters(), lr=args.lr, betas=args.adam_betas)
@@ -320,10 +329,8 @@ def main(args):
         # code (one forward per group); in eval mode the groups do not interact and one forward is the same thing
         return torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" else feat_c(x)
 
-    def evaluate():  # F_s o G_c; a curve only, never used for selection
-        model = nn.Sequential(g_c, f_s)
-        rec = {"target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
-               "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+    def evaluate(final=False):  # F_s o G_c; during training a curve only, never used for selection
+        rec = evaluate_domains(nn.Sequential(g_c, f_s), src, tgt, final, **ev)
         g_c.train(), f_s.train(args.source_bn == "train")  # accuracy() restored the Sequential's mode on both
         return rec
 
@@ -348,7 +355,7 @@ def main(args):
                 f_real = feat_groups(x)
             f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
             # one random patch location per step, the same for all four groups
-            top, left = rng.randrange(33 - args.patch), rng.randrange(33 - args.patch)
+            top, left = rng.randrange(args.size + 1 - args.patch), rng.randrange(args.size + 1 - args.patch)
             p_real = shuffled_patch(x, top, left, args.patch, g)
             p_cal = shuffled_patch(cal, top, left, args.patch, g)
 
@@ -371,27 +378,29 @@ def main(args):
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final calibrator's accuracy (no checkpoint selection) ---------------------------------------------------
-    model = nn.Sequential(g_c, f_s)
-    target_acc = accuracy(model, tgt.test_x, tgt.test_y, **ev)
-    source_acc = accuracy(model, src.test_x, src.test_y, **ev)
+    final = evaluate(final=True)
     drifted = None
     if args.source_bn == "train":  # F_s's BatchNorm statistics moved: F_s alone is no longer what it was
         drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
                    "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
-    meter.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
+    meter.write(step=args.steps, **final)
+    write_predictions(run_dir, nn.Sequential(g_c, f_s), tgt, **ev)
     if args.grid_images:
         k = args.grid_images
-        save_grid(g_c, to_float(src.test_x[:k]), to_float(tgt.test_x[:k]), run_dir / "calibration.png")
+        target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
+        save_grid(g_c, to_float(src.test_x[:k]), to_float(target_images[:k]), run_dir / "calibration.png")
     if not args.no_save_model:
         atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)},
                           run_dir / "model.pt")
     finish(run_dir, {
         "method": "calibrator", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
+        "backbone": args.backbone, "pretrained": args.pretrained,
         "epochs": round(args.steps / steps_per_epoch, 2), "source_steps": 0 if loaded else source_steps,
-        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
+        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
         "source_model_alone": {k: round(v, 3) for k, v in alone.items()},
         "source_model_alone_after_bn_drift": drifted,
-        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()}}, meter, t_start, device)
+        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()}}, meter, t_start, device,
+        final, (src, tgt))
 
 
 if __name__ == "__main__":

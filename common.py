@@ -410,24 +410,177 @@ def load_split(name, split, size, channels, data_dir=None, cache_dir=None, downl
     return x, y
 
 
-class Domain:
-    """One domain's train and test splits as device tensors (uint8 images, int64 labels)."""
+# ---- 1b. folder tasks: your own images ----------------------------------------------------------------------------
 
-    def __init__(self, name, split_data, device):
-        self.name = name
-        (self.train_x, self.train_y), (self.test_x, self.test_y) = [(x.to(device), y.to(device)) for x, y in split_data]
-
-    def __repr__(self):
-        return f"{self.name}(train={len(self.train_x)}, test={len(self.test_x)}, image={tuple(self.train_x.shape[1:])})"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def load_task(task, size, channels, device, data_dir=None, cache_dir=None, download=True):
-    """(source Domain, target Domain) for a task name such as 'mnist-usps'."""
+def _listing(folder):
+    """(image files, other files) below `folder` (hidden files and folders ignored), images in the order of their file
+    names, then of their paths: numbered files keep their order whatever class folder they are in."""
+    folder = Path(folder)
+    files = [f for f in folder.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(folder).parts)]
+    images = sorted((f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS), key=lambda f: (f.name, str(f)))
+    return images, [f for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
+def _decode(path, size, channels):
+    """One image file -> uint8 [channels, size, size]: converted to gray (L) or RGB, centre-cropped to a square and
+    resized like the digit splits (resize_and_convert)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        a = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    x = torch.from_numpy(a.copy()).view(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    s = min(h, w)
+    x = x[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return resize_and_convert(x[None], size, channels)[0]
+
+
+def load_folder(folder, size, channels, cache_dir, labelled, what):
+    """A folder of images as (uint8 [N, channels, size, size], int64 labels, relative file names, class names).
+    labelled: torchvision's ImageFolder layout, one sub-folder per class, classes in sorted order; otherwise any
+    layout, and sub-folder names are never read (labels -1). Files that are not images, or that do not decode, are
+    skipped with a warning that counts them. Decoded once and cached, keyed by every file's name, size and mtime."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder} is not a folder")
+    images, others = _listing(folder)
+    rel = [str(f.relative_to(folder)) for f in images]
+    if labelled:
+        top = [r for r in rel if len(Path(r).parts) < 2]
+        if top:
+            raise DataError(f"{what} {folder} must hold one sub-folder of images per class (torchvision's ImageFolder "
+                            f"layout), but has images at its top level (e.g. {top[0]})")
+    classes = sorted({Path(r).parts[0] for r in rel}) if labelled else []
+    ident = [(r, f.stat().st_size, f.stat().st_mtime_ns) for r, f in zip(rel, images)]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, "folder", str(folder.resolve()), labelled, size, channels,
+                                   ident]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    cached = cache / f"folder-{folder.name}-{channels}x{size}-{key}.pt"
+    if cached.exists():
+        try:
+            d = torch.load(cached, map_location="cpu", weights_only=True)
+            if d["x"].dtype == torch.uint8 and tuple(d["x"].shape[1:]) == (channels, size, size) and len(d["files"]) == len(d["x"]):
+                return d["x"], d["y"], d["files"], d["classes"]
+        except Exception:
+            pass
+        _warn(f"cache file {cached} is unreadable or holds the wrong shapes; decoding {folder} again")
+    t0 = time.time()
+    xs, keep, bad = [], [], []
+    for i, f in enumerate(images):
+        try:
+            xs.append(_decode(f, size, channels))
+            keep.append(i)
+        except Exception:
+            bad.append(rel[i])
+    if others or bad:
+        _warn(f"{what} {folder}: skipped {len(others) + len(bad)} file(s): {len(others)} not images by their extension"
+              + (f" (e.g. {others[0].relative_to(folder)})" if others else "") + f", {len(bad)} unreadable"
+              + (f" (e.g. {bad[0]})" if bad else ""))
+    if not xs:
+        raise DataError(f"{what} {folder} has no readable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    rel = [rel[i] for i in keep]
+    y = torch.tensor([classes.index(Path(r).parts[0]) for r in rel] if labelled else [-1] * len(rel), dtype=torch.long)
+    if labelled and len(set(y.tolist())) < 2:
+        raise DataError(f"{what} {folder} has images of {len(set(y.tolist()))} class: classification needs at least two "
+                        "class sub-folders with images")
+    classes = [c for c in classes if any(Path(r).parts[0] == c for r in rel)] if labelled else []
+    if labelled:  # classes left without readable images drop out of the class list
+        y = torch.tensor([classes.index(Path(r).parts[0]) for r in rel], dtype=torch.long)
+    x = torch.stack(xs)
+    if _writable(cache) and (cache.is_dir() or not cache.exists()):
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"x": x, "y": y, "files": rel, "classes": classes}, cached)
+        except OSError as e:
+            _warn(f"could not write the cache file {cached} ({_one_line(e)}); continuing without it")
+    print(f"decoded {what} {folder}: {tuple(x.shape)}{f', {len(classes)} classes' if labelled else ''} in "
+          f"{time.time() - t0:.1f}s", flush=True)
+    return x, y, rel, classes
+
+
+NATIVE = {"mnist": (28, 1), "usps": (16, 1), "svhn": (32, 3), "syndigits": (32, 3), "mnistm": (32, 3)}  # size, channels
+
+
+def export_digits(task, out_dir, data_dir=None, cache_dir=None):
+    """Write a digit task as image folders, the layout of a folder task (a worked example of your own data):
+    out/<source>/{train,test}/<class>/<index>.png, out/<target>/train/<index>.png (unlabelled: no class folders) and
+    out/<target>/test/<class>/<index>.png, each image at its dataset's own size. Then
+        python dann.py --source-dir out/mnist/train --source-test-dir out/mnist/test --target-dir out/usps/train \\
+                       --target-test-dir out/usps/test --backbone lenet
+    trains on the same images in the same order as `python dann.py --task mnist-usps` (numbered file names keep it)."""
+    from PIL import Image
+
     if task not in TASKS:
         raise UsageError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
-    return tuple(
-        Domain(name, [load_split(name, s, size, channels, data_dir, cache_dir, download) for s in ("train", "test")], device)
-        for name in TASKS[task])
+    for role, name in zip(("source", "target"), TASKS[task]):
+        for split in ("train", "test"):
+            x, y = load_split(name, split, *NATIVE[name], data_dir, cache_dir)
+            base = Path(out_dir) / name / split
+            for i, (img, label) in enumerate(zip(x, y.tolist())):
+                folder = base if (role, split) == ("target", "train") else base / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                a = img.permute(1, 2, 0).numpy()
+                Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).save(folder / f"{i:05d}.png")
+            print(f"wrote {len(x)} images to {base}", flush=True)
+
+
+class Domain:
+    """One domain's splits as device tensors (uint8 images, int64 labels; -1 where there are none). `classes`: the
+    class names; `files`: the train images' relative paths (folder tasks); `test_split`: what the test tensors hold
+    ('test', or 'train' when a folder task has no test folder for the source); `val_x`/`val_y`: --target-val."""
+
+    def __init__(self, name, train, test, device, classes, files=None, test_split="test"):
+        self.name, self.classes, self.files, self.test_split = name, list(classes), files, test_split
+        (self.train_x, self.train_y), (self.test_x, self.test_y) = [(x.to(device), y.to(device)) for x, y in (train, test)]
+        self.val_x = self.val_y = None
+
+    def __repr__(self):
+        val = f", val={len(self.val_x)}" if self.val_x is not None else ""
+        return f"{self.name}(train={len(self.train_x)}, test={len(self.test_x)}{val}, image={tuple(self.train_x.shape[1:])})"
+
+
+def load_task(args, size, channels, device):
+    """(source Domain, target Domain) for args.task (a digit task such as 'mnist-usps'), or for the folders of a folder
+    task (--source-dir, --target-dir, --target-test-dir, --source-test-dir); then --target-val's hold-out."""
+    if args.task == "folder":
+        cache = args.cache_dir
+        sx, sy, sfiles, classes = load_folder(args.source_dir, size, channels, cache, True, "--source-dir")
+        if args.source_test_dir:
+            vx, vy, _, vclasses = load_folder(args.source_test_dir, size, channels, cache, True, "--source-test-dir")
+            if vclasses != classes:
+                raise DataError(f"--source-test-dir classes {vclasses} are not --source-dir's {classes}")
+            src = Domain(Path(args.source_dir).name, (sx, sy), (vx, vy), device, classes, sfiles)
+        else:  # no source test images: source accuracy is measured on the training images (the summary says so)
+            src = Domain(Path(args.source_dir).name, (sx, sy), (sx, sy), device, classes, sfiles, test_split="train")
+        tx, ty, tfiles, _ = load_folder(args.target_dir, size, channels, cache, False, "--target-dir")
+        if args.target_test_dir:
+            ex, ey, _, eclasses = load_folder(args.target_test_dir, size, channels, cache, True, "--target-test-dir")
+            if eclasses != classes:
+                raise DataError(f"--target-test-dir classes {eclasses} are not --source-dir's {classes}: "
+                                "the target test folder needs the source's class sub-folders, with the same names")
+        else:  # no target labels at all: no target accuracy (the summary says so); predictions are still written
+            ex, ey = tx[:0], ty[:0]
+        tgt = Domain(Path(args.target_dir).name, (tx, ty), (ex, ey), device, classes, tfiles,
+                     test_split="test" if args.target_test_dir else "none")
+    else:
+        if args.task not in TASKS:
+            raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+        src, tgt = (Domain(name, *[load_split(name, s, size, channels, args.data_dir, args.cache_dir, not args.no_download)
+                                   for s in ("train", "test")], device, [str(c) for c in range(10)])
+                    for name in TASKS[args.task])
+    if getattr(args, "target_val", 0):
+        if args.target_val >= len(tgt.train_x):
+            raise UsageError(f"--target-val {args.target_val} must be smaller than the target train split "
+                             f"({len(tgt.train_x)} images)")
+        # a fixed draw (not the run's seed): every run and seed is validated on the same images
+        perm = torch.randperm(len(tgt.train_x), generator=torch.Generator().manual_seed(0)).to(tgt.train_x.device)
+        val, rest = perm[:args.target_val], perm[args.target_val:].sort().values
+        tgt.val_x, tgt.val_y = tgt.train_x[val], tgt.train_y[val]
+        tgt.train_x, tgt.train_y = tgt.train_x[rest], tgt.train_y[rest]
+    return src, tgt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,7 +654,7 @@ def random_affine(x, max_translate=0.1, max_rotate_deg=10.0, generator=None):
 
 
 class Backbone(nn.Module):
-    """features: image -> feature vector; classifier: feature vector -> 10 logits. Every layer is named, so
+    """features: image -> feature vector; classifier: feature vector -> class logits. Every layer is named, so
     `activations(x)` returns each layer's output by name (GAM matches intermediate activations)."""
 
     def __init__(self, name, in_channels, size, features, classifier):
@@ -524,16 +677,16 @@ class Backbone(nn.Module):
         return acts
 
 
-def lenet():
+def lenet(num_classes=10):
     """ADDA/CyCADA LeNet, 28x28x1: conv5-20, pool, ReLU, conv5-50, Dropout2d, pool, ReLU, fc500, ReLU, Dropout | fc10."""
     return Backbone("lenet", 1, 28, OrderedDict(
         conv1=nn.Conv2d(1, 20, 5), pool1=nn.MaxPool2d(2), relu1=nn.ReLU(),
         conv2=nn.Conv2d(20, 50, 5), drop2=nn.Dropout2d(0.5), pool2=nn.MaxPool2d(2), relu2=nn.ReLU(),
         flatten=nn.Flatten(), fc3=nn.Linear(800, 500), relu3=nn.ReLU(), drop3=nn.Dropout(0.5),
-    ), OrderedDict(fc4=nn.Linear(500, 10)))
+    ), OrderedDict(fc4=nn.Linear(500, num_classes)))
 
 
-def dtn():
+def dtn(num_classes=10):
     """CyCADA/Calibrator DTN, 32x32x3: three conv5 stride-2 (64/128/256) + BN + Dropout2d(0.1/0.3/0.5) + ReLU,
     fc512 + BN + ReLU + Dropout | fc10 (about 3.1M parameters)."""
     layers = OrderedDict()
@@ -544,20 +697,20 @@ def dtn():
         layers[f"relu{i}"] = nn.ReLU()
     layers.update(flatten=nn.Flatten(), fc4=nn.Linear(256 * 4 * 4, 512), bn4=nn.BatchNorm1d(512), relu4=nn.ReLU(),
                   drop4=nn.Dropout(0.5))
-    return Backbone("dtn", 3, 32, layers, OrderedDict(fc5=nn.Linear(512, 10)))
+    return Backbone("dtn", 3, 32, layers, OrderedDict(fc5=nn.Linear(512, num_classes)))
 
 
-def dann_mnist():
+def dann_mnist(num_classes=10):
     """DANN paper, MNIST->MNIST-M, 32x32x3: conv5-32, ReLU, pool 2/2, conv5-48, ReLU, pool 2/2 (1200-d features) |
     fc100, ReLU, fc100, ReLU, fc10."""
     return Backbone("dann_mnist", 3, 32, OrderedDict(
         conv1=nn.Conv2d(3, 32, 5), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
         conv2=nn.Conv2d(32, 48, 5), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2), flatten=nn.Flatten(),
     ), OrderedDict(fc3=nn.Linear(48 * 5 * 5, 100), relu3=nn.ReLU(), fc4=nn.Linear(100, 100), relu4=nn.ReLU(),
-                   fc5=nn.Linear(100, 10)))
+                   fc5=nn.Linear(100, num_classes)))
 
 
-def dann_svhn():
+def dann_svhn(num_classes=10):
     """DANN paper, SVHN->MNIST and SynDigits->SVHN, 32x32x3: conv5-64, ReLU, maxpool 3/2, conv5-64, ReLU,
     maxpool 3/2, conv5-128, ReLU (SAME padding as the TF re-implementation; 8192-d features) |
     fc3072, ReLU, fc2048, ReLU, fc10."""
@@ -566,16 +719,73 @@ def dann_svhn():
         conv2=nn.Conv2d(64, 64, 5, padding=2), relu2=nn.ReLU(), pool2=nn.MaxPool2d(3, 2, padding=1),
         conv3=nn.Conv2d(64, 128, 5, padding=2), relu3=nn.ReLU(), flatten=nn.Flatten(),
     ), OrderedDict(fc4=nn.Linear(128 * 8 * 8, 3072), relu4=nn.ReLU(), fc5=nn.Linear(3072, 2048), relu5=nn.ReLU(),
-                   fc6=nn.Linear(2048, 10)))
+                   fc6=nn.Linear(2048, num_classes)))
 
 
-BACKBONES = {"lenet": lenet, "dtn": dtn, "dann_mnist": dann_mnist, "dann_svhn": dann_svhn}
+class ImageNetNormalize(nn.Module):
+    """[-1, 1] pixels (the scripts' convention) -> ImageNet's mean/std normalisation, as torchvision's weights expect."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return ((x + 1) / 2 - self.mean) / self.std
 
 
-def build_backbone(name):
+def pretrained_weights_path(name):
+    """Where torchvision keeps the ImageNet weights of resnet18 / resnet50 (the torch hub cache)."""
+    import torchvision
+
+    weights = {"resnet18": torchvision.models.ResNet18_Weights, "resnet50": torchvision.models.ResNet50_Weights}[name]
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.IMAGENET1K_V1.url)
+
+
+def resnet(name, num_classes=10, image_size=224, pretrained=False):
+    """torchvision's ResNet-18/50 (RGB, any size >= 32), split into features (ImageNet normalisation, convs, global
+    average pool: 512 / 2048-d) and a new fc classifier. `pretrained` loads torchvision's ImageNet weights from the
+    local torch hub cache, and fails if they are not there (never a silent random initialisation)."""
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    if pretrained:
+        path = pretrained_weights_path(name)
+        if not path.exists():
+            raise DataError(f"--pretrained: the ImageNet weights of {name} are not in the torch cache ({path}); fetch "
+                            f"them once with `python -c \"import torchvision; torchvision.models.{name}(weights="
+                            f"'IMAGENET1K_V1')\"` where there is internet, or drop --pretrained (random initialisation)")
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise DataError(f"--pretrained: {path} is not {name}'s ImageNet state dict ({_one_line(e)}); delete it")
+    features = OrderedDict(normalize=ImageNetNormalize(), conv1=net.conv1, bn1=net.bn1, relu=net.relu,
+                           maxpool=net.maxpool, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3,
+                           layer4=net.layer4, avgpool=net.avgpool, flatten=nn.Flatten())
+    return Backbone(name, 3, image_size, features, OrderedDict(fc=nn.Linear(net.fc.in_features, num_classes)))
+
+
+DIGIT_BACKBONES = {"lenet": (lenet, 1, 28), "dtn": (dtn, 3, 32), "dann_mnist": (dann_mnist, 3, 32),
+                   "dann_svhn": (dann_svhn, 3, 32)}  # name -> (factory, input channels, input size)
+BACKBONES = tuple(DIGIT_BACKBONES) + ("resnet18", "resnet50")
+
+
+def backbone_input(name, image_size=0):
+    """(channels, size) of a backbone's input; for a ResNet, `image_size` (0: 224)."""
     if name not in BACKBONES:
         raise UsageError(f"unknown backbone '{name}'; choose from {', '.join(BACKBONES)}")
-    return BACKBONES[name]()
+    if name in DIGIT_BACKBONES:
+        return DIGIT_BACKBONES[name][1:]
+    return 3, image_size or 224
+
+
+def build_backbone(name, num_classes=10, image_size=0, pretrained=False):
+    channels, size = backbone_input(name, image_size)
+    if name in DIGIT_BACKBONES:
+        if pretrained:
+            raise UsageError(f"--pretrained: there are no pretrained weights for {name}; use resnet18 or resnet50")
+        return DIGIT_BACKBONES[name][0](num_classes)
+    return resnet(name, num_classes, size, pretrained)
 
 
 def count_params(module):
@@ -595,7 +805,7 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
     own default task and schedule); `input_range` adds --input-range for the scripts whose networks can take either
     pixel range. Returns the data group, for a script's own data flags."""
     g = p.add_argument_group("run")
-    g.add_argument("--task", default=task, help=f"source-target pair: {', '.join(TASKS)}")
+    g.add_argument("--task", default=task, help=f"source-target pair: {', '.join(TASKS)} (or --source-dir ...)")
     g.add_argument("--seed", type=int, default=0, help="random seed (weights, batches, every random draw)")
     g.add_argument("--steps", type=int, default=steps, help=steps_help)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -618,6 +828,17 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
     g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
     g.add_argument("--no-download", action="store_true", help="never fetch data: fail if it is not on disk")
     g.add_argument("--eval-batch-size", type=int, default=4096, help="batch size for evaluation")
+    g.add_argument("--source-dir", default=None, help="your own data instead of --task: labelled source images, one "
+                   "sub-folder per class (torchvision's ImageFolder layout)")
+    g.add_argument("--target-dir", default=None, help="with --source-dir: the unlabelled target images, any layout "
+                   "(sub-folder names are never read as labels); predictions.csv holds the final model's predictions")
+    g.add_argument("--target-test-dir", default=None, help="with --source-dir: labelled target test images, one "
+                   "sub-folder per class with the source's class names (without it no target accuracy is reported)")
+    g.add_argument("--source-test-dir", default=None, help="with --source-dir: labelled source test images (without "
+                   "it the source accuracy is measured on the source training images)")
+    g.add_argument("--target-val", type=int, default=0, help="hold out N labelled images of the target *train* split "
+                   "(never the test split; a fixed draw, the same for every seed): they leave the adaptation data and "
+                   "give a target_val_acc curve, for choosing hyperparameters between runs (digit tasks only)")
     if input_range is not None:
         g.add_argument("--input-range", default=input_range, choices=INPUT_RANGES, help="pixel range the networks see")
     return g
@@ -656,15 +877,28 @@ def check_args(args, positive=(), at_least_one=(), non_negative=()):
     """UsageError for the first flag out of its range. The shared flags are always checked; a script names its own
     (attribute names). None (an unresolved 'task default') is skipped. Runs before any data is read or folder made."""
     at_least_one = ("steps", "log_every", "eval_batch_size") + tuple(at_least_one)
-    non_negative = ("eval_every", "threads", "ckpt_every") + tuple(non_negative)
+    non_negative = ("eval_every", "threads", "ckpt_every", "target_val") + tuple(non_negative)
     for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (at_least_one, lambda v: v >= 1, ">= 1"),
                             (non_negative, lambda v: v >= 0, ">= 0")):
         for name in names:
             v = getattr(args, name)
             if v is not None and not ok(v):  # `not ok` also catches NaN
                 raise UsageError(f"{flag(name)} must be {what} (got {v})")
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+    folders = [f for f in ("source_dir", "target_dir", "target_test_dir", "source_test_dir") if getattr(args, f)]
+    if args.source_dir or args.task == "folder":  # a folder task replaces --task
+        if not (args.source_dir and args.target_dir):
+            raise UsageError("a folder task needs both --source-dir (labelled, one sub-folder per class) and --target-dir")
+        for f in folders:
+            if not Path(getattr(args, f)).expanduser().is_dir():
+                raise UsageError(f"{flag(f)} {getattr(args, f)} is not a folder")
+        if args.target_val:
+            raise UsageError("--target-val needs labelled target training images: it works with the digit tasks only")
+        args.task = "folder"
+    elif folders:
+        raise UsageError(f"{flag(folders[0])} goes with --source-dir (a folder task)")
+    elif args.task not in TASKS:
+        raise UsageError(f"unknown task '{args.task}'; choose from {', '.join(TASKS)}, or your own folders with "
+                         "--source-dir and --target-dir")
     if not args.resume and not _writable(args.out):
         raise UsageError(f"--out {args.out}: that folder cannot be written here; pass --out to a writable folder")
 
@@ -742,8 +976,42 @@ def predict(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
 
 
 def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
-    """Top-1 accuracy in percent (a Python float: one host sync)."""
+    """Top-1 accuracy in percent (a Python float: one host sync); NaN for no images (a folder task without labels)."""
+    if len(y) == 0:
+        return float("nan")
     return (predict(model, x_uint8, batch_size, amp, input_range) == y).float().mean().item() * 100.0
+
+
+def evaluate_domains(model, src, tgt, final=False, **ev):
+    """Target test and source test accuracy of `model` (and the --target-val accuracy): during training a curve
+    ('target_test_acc_curve', never used for selection), at the end the final model's ('target_test_acc')."""
+    rec = {"target_test_acc" if final else "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
+           "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+    if tgt.val_x is not None:
+        rec["target_val_acc"] = accuracy(model, tgt.val_x, tgt.val_y, **ev)
+    return rec
+
+
+@torch.inference_mode()
+def write_predictions(run_dir, model, domain, batch_size=4096, amp=False, input_range="-1,1"):
+    """predictions.csv for a folder task's target images: file, predicted class, confidence (softmax probability)."""
+    if not domain.files:
+        return
+    import csv
+
+    was_training = model.training
+    model.eval()
+    probs = []
+    with autocast(domain.train_x.device, amp):
+        for chunk in domain.train_x.split(batch_size):
+            probs.append(F.softmax(model(to_float(chunk, input_range)).float(), 1))
+    model.train(was_training)
+    conf, pred = torch.cat(probs).max(1)
+    with open(Path(run_dir) / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "predicted_class", "confidence"])
+        for name, c, p in zip(domain.files, pred.tolist(), conf.tolist()):
+            w.writerow([name, domain.classes[c], f"{p:.4f}"])
 
 
 # ---- 4c. run folder, atomic writes, the training-loop meter ------------------------------------------------------
@@ -847,7 +1115,7 @@ class Meter:
     def write(self, **record):
         if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_no_nan(record)) + "\n")
             self.records += 1
 
     @property
@@ -984,10 +1252,28 @@ def versions():
             "numpy": np.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
 
 
-def finish(run_dir, summary, meter, t_start, device):
-    """Complete the summary (training steps/s, seconds, device, run folder, versions), write summary.json atomically,
-    print it as the last stdout line, and remove the resume checkpoint, which the final model files supersede."""
-    summary = dict(summary, train_steps_per_sec=meter.steps_per_sec if meter else None,
+def _no_nan(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    return obj
+
+
+def finish(run_dir, summary, meter, t_start, device, final=None, domains=None):
+    """Complete the summary (the --target-val accuracy, what the accuracies were measured on for a folder task,
+    training steps/s, seconds, device, run folder, versions), write summary.json atomically, print it as the last
+    stdout line, and remove the resume checkpoint, which the final model files supersede. NaN (no labels) -> null."""
+    if final and "target_val_acc" in final:
+        summary["target_val_acc"] = round(final["target_val_acc"], 3)
+    if domains and domains[1].files is not None:
+        src, tgt = domains
+        summary["data"] = {"source": src.name, "target": tgt.name, "classes": src.classes,
+                           "source_acc_on": "source test folder" if src.test_split == "test" else
+                           "the source training images (no --source-test-dir)",
+                           "target_acc_on": "target test folder" if tgt.test_split == "test" else
+                           "nothing: no --target-test-dir, so no target accuracy (see predictions.csv)"}
+    summary = dict(_no_nan(summary), train_steps_per_sec=meter.steps_per_sec if meter else None,
                    seconds=round(time.time() - t_start, 1), device=str(device), run_dir=str(run_dir), versions=versions())
     atomic_write_json(summary, Path(run_dir) / "summary.json")
     (Path(run_dir) / "checkpoint.pt").unlink(missing_ok=True)

@@ -55,8 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (BACKBONES, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
-                    build_backbone, check_args, count_params, finish, load_checkpoint, load_task, main_guard,
-                    make_run_dir, maybe_compile, parse, predict, save_checkpoint, setup_torch, to_float, write_args)
+                    backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint,
+                    load_task, main_guard, make_run_dir, maybe_compile, parse, predict, save_checkpoint, setup_torch,
+                    to_float, write_args, write_predictions)
 
 # per-task paper defaults (see the docstring): backbone, domain-classifier hidden sizes, learning-rate schedule
 TASK_DEFAULTS = {
@@ -66,6 +67,7 @@ TASK_DEFAULTS = {
     "syndigits-svhn": dict(backbone="dann_svhn", domain_hidden="1024,1024", lr_schedule="anneal"),
     "mnist-usps": dict(backbone="lenet", domain_hidden="1024,1024", lr_schedule="anneal"),
     "usps-mnist": dict(backbone="lenet", domain_hidden="1024,1024", lr_schedule="anneal"),
+    "folder": dict(backbone="dann_mnist", domain_hidden="1024,1024", lr_schedule="anneal"),  # your own images
 }
 
 
@@ -74,7 +76,12 @@ def parse_args(argv=None):
     add_shared_args(p, task="mnist-mnistm", steps=20000, steps_help="training steps; p = step/steps drives both schedules",
                     log_every=500, eval_every=2000, input_range="-1,1")
     g = p.add_argument_group("method (defaults: the paper's digit setting)")
-    g.add_argument("--backbone", default="auto", help="auto (per task, see docstring), lenet, dtn, dann_mnist, dann_svhn")
+    g.add_argument("--backbone", default="auto",
+                   help="auto (per task, see docstring; folder tasks: dann_mnist), lenet, dtn, dann_mnist, dann_svhn, "
+                        "resnet18, resnet50")
+    g.add_argument("--image-size", type=int, default=0, help="input size of a ResNet backbone (0: 224)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="ResNet: torchvision's ImageNet weights from the local torch cache (an error if absent)")
     g.add_argument("--batch-size", type=int, default=128, help="images per step: half source, half target")
     g.add_argument("--lr", type=float, default=0.01, help="mu_0 of the annealing mu_p = mu_0 / (1 + alpha p)^beta")
     g.add_argument("--lr-alpha", type=float, default=10.0, help="alpha of the learning-rate annealing")
@@ -107,6 +114,12 @@ def parse_args(argv=None):
             setattr(args, k, TASK_DEFAULTS[args.task][k])
     if args.backbone not in BACKBONES:
         raise UsageError(f"unknown backbone '{args.backbone}'; choose from auto, {', '.join(BACKBONES)}")
+    if (args.image_size or args.pretrained) and not args.backbone.startswith("resnet"):
+        raise UsageError("--image-size and --pretrained go with --backbone resnet18 or resnet50")
+    if args.image_size and args.image_size < 32:
+        raise UsageError(f"--image-size must be >= 32 (got {args.image_size})")
+    if args.task == "folder" and (args.oracle or args.target_labels_per_class):
+        raise UsageError("--oracle and --target-labels-per-class need target labels, which a folder task does not read")
     try:
         args.hidden = tuple(int(h) for h in args.domain_hidden.split(",") if h.strip())
     except ValueError:
@@ -155,9 +168,9 @@ def main(args):
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    model = build_backbone(args.backbone)
-    src, tgt = load_task(args.task, model.size, model.in_channels, device, args.data_dir, args.cache_dir,
-                         download=not args.no_download)
+    channels, size = backbone_input(args.backbone, args.image_size)
+    src, tgt = load_task(args, size, channels, device)
+    model = build_backbone(args.backbone, len(src.classes), args.image_size, args.pretrained)
     adapt = args.variant not in ("oracle", "source-only")  # train the domain classifier through the GRL
     # labelled pool (x, y, domain label): source train, or target train for the oracle
     pool_x, pool_y = (tgt.train_x, tgt.train_y) if args.oracle else (src.train_x, src.train_y)
@@ -170,12 +183,12 @@ def main(args):
         pool_x, pool_y = pool_x[perm[args.source_val:]], pool_y[perm[args.source_val:]]
     pool_d = torch.zeros(len(pool_x), dtype=torch.long, device=device)
     if args.target_labels_per_class:  # the semi-supervised setting: a few labelled target images join the pool
-        counts = torch.bincount(tgt.train_y, minlength=10)
+        counts = torch.bincount(tgt.train_y, minlength=len(tgt.classes))
         if counts.min().item() < args.target_labels_per_class:
             raise UsageError(f"--target-labels-per-class {args.target_labels_per_class} exceeds the smallest target "
                              f"class ({counts.min().item()} images)")
         perm = torch.randperm(len(tgt.train_y), device=device, generator=g)
-        chosen = torch.cat([perm[tgt.train_y[perm] == c][:args.target_labels_per_class] for c in range(10)])
+        chosen = torch.cat([perm[tgt.train_y[perm] == c][:args.target_labels_per_class] for c in range(len(tgt.classes))])
         pool_x, pool_y = torch.cat([pool_x, tgt.train_x[chosen]]), torch.cat([pool_y, tgt.train_y[chosen]])
         pool_d = torch.cat([pool_d, torch.ones(len(chosen), dtype=torch.long, device=device)])
     half = args.batch_size // 2
@@ -193,11 +206,11 @@ def main(args):
     domain_net = nn.Sequential(model.features, disc)  # G_d(G_f(x)), the same modules, for evaluation only
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
 
-    def evaluate():
+    def evaluate(final=False):
         """Source validation error and domain-classifier error (the paper's unsupervised selection signals), and
         the target test accuracy (reported for the final model; during training a curve only, never for selection)."""
         rec = {"source_val_err": 100 - accuracy(model, val_x, val_y, **ev),
-               "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev)}
+               **evaluate_domains(model, src, tgt, final, **ev)}
         if adapt:  # source images should be called 0 and target images 1; no labels of either are used
             wrong = ((predict(domain_net, val_x[:2000], **ev) != 0).sum() +
                      (predict(domain_net, tgt.test_x[:2000], **ev) != 1).sum())
@@ -243,18 +256,17 @@ def main(args):
         save_checkpoint(run_dir, step + 1, args.ckpt_every, args.steps, state)
 
     # ---- final evaluation of the final model (no checkpoint selection) ------------------------------------------
-    final = evaluate()
-    final["target_test_acc"] = final.pop("target_test_acc_curve")
-    final["source_test_acc"] = accuracy(model, src.test_x, src.test_y, **ev)
+    final = evaluate(final=True)
     meter.write(step=args.steps, **final)
+    write_predictions(run_dir, model, tgt, **ev)
     if not args.no_save_model:
         atomic_torch_save({"backbone": args.backbone, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
                            "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "dann", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
-        "backbone": args.backbone, "target_acc": round(final["target_test_acc"], 3),
+        "backbone": args.backbone, "pretrained": args.pretrained, "target_acc": round(final["target_test_acc"], 3),
         "source_acc": round(final["source_test_acc"], 3), "source_val_err": round(final["source_val_err"], 3),
-        "domain_err": round(final["domain_err"], 3) if adapt else None}, meter, t_start, device)
+        "domain_err": round(final["domain_err"], 3) if adapt else None}, meter, t_start, device, final, (src, tgt))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, build_backbone,
-                    check_args, count_params, finish, load_checkpoint, load_source, load_task, main_guard, make_run_dir,
-                    maybe_compile, parse, save_checkpoint, save_source, setup_torch, to_float, train_source, write_args)
+                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_source, load_task,
+                    main_guard, make_run_dir, maybe_compile, parse, save_checkpoint, save_source, setup_torch, to_float,
+                    train_source, write_args, write_predictions)
 
 RECIPES = {
     "official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
@@ -118,6 +119,8 @@ def parse_args(argv=None):
     known = [n for n, _ in list(lenet.features.named_children()) + list(lenet.classifier.named_children())]
     if any(layer not in known for layer in args.layers):
         raise UsageError(f"--gan-layers must name LeNet layers: {', '.join(known)}")
+    if args.task == "folder" and (args.source_subset != "full" or args.target_subset != "full"):
+        raise UsageError("--source-subset and --target-subset halve digit classes: they work with the digit tasks only")
     if args.mode == "gaussian" and args.no_gaussian_init:
         raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
     args.gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
@@ -225,9 +228,8 @@ def main(args):
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    f_s = build_backbone("lenet")
-    src, tgt = load_task(args.task, f_s.size, f_s.in_channels, device, args.data_dir, args.cache_dir,
-                         download=not args.no_download)
+    src, tgt = load_task(args, 28, 1, device)  # LeNet's input: 28x28 gray
+    f_s = build_backbone("lenet", len(src.classes))
     src_x, src_y = subset(src.train_x, src.train_y, args.source_subset, g)
     tgt_x, _ = subset(tgt.train_x, tgt.train_y, args.target_subset, g)  # target labels: only to form the subset
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
@@ -277,8 +279,7 @@ def main(args):
         t_sampler = IndexSampler(len(tgt_x), args.batch_size, device, g)
 
         def evaluate():  # a curve only: never used for selection
-            return {"target_test_acc_curve": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
-                    "source_test_acc": accuracy(f_t, src.test_x, src.test_y, **ev)}
+            return evaluate_domains(f_t, src, tgt, **ev)
 
         total = args.disc_pretrain + args.steps
         meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
@@ -305,21 +306,21 @@ def main(args):
             save_checkpoint(run_dir, it + 1, args.ckpt_every, total, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    target_acc = accuracy(f_t, tgt.test_x, tgt.test_y, **ev)
-    source_acc = accuracy(f_t, src.test_x, src.test_y, **ev)
+    final = evaluate_domains(f_t, src, tgt, final=True, **ev)
     steps = args.steps if args.mode == "gam" else 0
     if meter is None:
         meter = Meter(run_dir, 0, 1)
-    meter.write(step=steps, target_test_acc=target_acc, source_test_acc=source_acc)
+    meter.write(step=steps, **final)
+    write_predictions(run_dir, f_t, tgt, **ev)
     if not args.no_save_model:
         atomic_torch_save({"model": f_t.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "gam", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": steps,
         "source_steps": 0 if loaded else args.source_steps,
-        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3),
+        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},
-        meter if args.mode == "gam" else None, t_start, device)
+        meter if args.mode == "gam" else None, t_start, device, final, (src, tgt))
 
 
 if __name__ == "__main__":

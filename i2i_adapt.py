@@ -59,9 +59,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
-                    check_args, count_params, finish, load_checkpoint, load_task, main_guard, make_run_dir,
-                    maybe_compile, parse, random_affine, save_checkpoint, setup_torch, to_float, write_args)
+from common import (IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast, check_args,
+                    count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard, make_run_dir,
+                    maybe_compile, parse, random_affine, save_checkpoint, setup_torch, to_float, write_args,
+                    write_predictions)
 
 LAMBDAS = ("c", "z", "tr", "id_x", "id_y", "cyc", "trc")
 
@@ -115,9 +116,9 @@ def encoder():
     return nn.Sequential(*layers)
 
 
-def classifier():
-    """h: Z -> 10 logits."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 500), nn.ReLU(), nn.Dropout(0.5), nn.Linear(500, 10))
+def classifier(num_classes=10):
+    """h: Z -> class logits."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 500), nn.ReLU(), nn.Dropout(0.5), nn.Linear(500, num_classes))
 
 
 def decoder_shared():
@@ -143,11 +144,11 @@ def feature_critic():
                          nn.LeakyReLU(0.2), nn.Linear(500, 1))
 
 
-def build_networks(lam):
+def build_networks(lam, num_classes=10):
     """Only the networks some switched-on loss needs. lam: {name: weight}."""
     x2y = lam["tr"] > 0 or lam["cyc"] > 0 or lam["trc"] > 0  # needs g_y(f(x))
     y2x = lam["tr"] > 0 or lam["cyc"] > 0  # needs g_x(f(y))
-    nets = nn.ModuleDict({"enc": encoder(), "cls": classifier()})
+    nets = nn.ModuleDict({"enc": encoder(), "cls": classifier(num_classes)})
     need_gx, need_gy = lam["id_x"] > 0 or y2x, lam["id_y"] > 0 or x2y
     if need_gx or need_gy:
         nets["dec"] = decoder_shared()
@@ -243,13 +244,13 @@ def main(args):
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    src, tgt = load_task(args.task, 32, 1, device, args.data_dir, args.cache_dir, download=not args.no_download)
+    src, tgt = load_task(args, 32, 1, device)  # 32x32 gray
     run_dir = make_run_dir(args, "i2i_adapt")
     write_args(run_dir, args, source=src.name, target=tgt.name)
 
     # ALGO LOGIC: the networks some switched-on loss needs, two optimisers (generator side, critics)
     lam = args.lam
-    nets = build_networks(lam).to(device)
+    nets = build_networks(lam, len(src.classes)).to(device)
     critics = [k for k in ("d_z", "d_x", "d_y") if k in nets]
     gen_params = [p for k, m in nets.items() if k not in critics for p in m.parameters()]
     opt_g = torch.optim.Adam(gen_params, lr=args.lr, betas=args.adam_betas)
@@ -268,9 +269,8 @@ def main(args):
             x = random_affine(x, args.aug_translate, args.aug_rotate, g)
         return x
 
-    def evaluate():  # a curve only: never used for selection
-        rec = {"target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
-               "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+    def evaluate(final=False):  # during training a curve only: never used for selection
+        rec = evaluate_domains(model, src, tgt, final, **ev)
         nets.train()  # accuracy() put the Sequential's modules back in its own mode
         return rec
 
@@ -306,16 +306,17 @@ def main(args):
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    target_acc = accuracy(model, tgt.test_x, tgt.test_y, **ev)
-    source_acc = accuracy(model, src.test_x, src.test_y, **ev)
-    meter.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
-    save_grid(nets, to_float(src.test_x[:8]), to_float(tgt.test_x[:8]), run_dir / "translations.png")
+    final = evaluate(final=True)
+    meter.write(step=args.steps, **final)
+    write_predictions(run_dir, model, tgt, **ev)
+    target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
+    save_grid(nets, to_float(src.test_x[:8]), to_float(target_images[:8]), run_dir / "translations.png")
     if not args.no_save_model:
         atomic_torch_save({"nets": nets.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "i2i_adapt", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
-        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3), "lambdas": lam, "networks": sizes},
-        meter, t_start, device)
+        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
+        "lambdas": lam, "networks": sizes}, meter, t_start, device, final, (src, tgt))
 
 
 if __name__ == "__main__":

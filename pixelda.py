@@ -50,9 +50,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
-                    build_backbone, check_args, count_params, finish, load_checkpoint, load_task, main_guard,
-                    make_run_dir, maybe_compile, parse, save_checkpoint, setup_torch, to_float, write_args)
+from common import (IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast, build_backbone,
+                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard,
+                    make_run_dir, maybe_compile, parse, save_checkpoint, setup_torch, to_float, write_args,
+                    write_predictions)
 
 # The loss weights of the official MNIST->MNIST-M run (the release's README); others are named in the variant.
 OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "content_weight": 0.0113173311334,
@@ -210,9 +211,8 @@ def main(args):
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    t_net = build_backbone("dann_mnist")
-    src, tgt = load_task(args.task, t_net.size, t_net.in_channels, device, args.data_dir, args.cache_dir,
-                         download=not args.no_download)
+    src, tgt = load_task(args, 32, 3, device)  # T, G and D work on 32x32 RGB
+    t_net = build_backbone("dann_mnist", len(src.classes))
     run_dir = make_run_dir(args, "pixelda")
     write_args(run_dir, args, source=src.name, target=tgt.name)
 
@@ -243,13 +243,12 @@ def main(args):
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
 
     def evaluate():  # a curve only: never used for selection
-        return {"target_test_acc_curve": accuracy(t_net, tgt.test_x, tgt.test_y, **ev),
-                "source_test_acc": accuracy(t_net, src.test_x, src.test_y, **ev)}
+        return evaluate_domains(t_net, src, tgt, **ev)
 
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
-    grid_xs, grid_xt = to_float(src.test_x[:8]), to_float(tgt.test_x[:8])
+    grid_xs, grid_xt = to_float(src.test_x[:8]), to_float((tgt.test_x if len(tgt.test_x) else tgt.train_x)[:8])
     grid_g = torch.Generator(device=device).manual_seed(args.seed)  # the grids' own z: they never move training's
     meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
     state = dict(t_net=t_net, g_net=g_net, d_net=d_net, **({"private": private} if private is not None else {}),
@@ -305,9 +304,9 @@ def main(args):
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    target_acc = accuracy(t_net, tgt.test_x, tgt.test_y, **ev)
-    source_acc = accuracy(t_net, src.test_x, src.test_y, **ev)
-    meter.write(step=args.steps, target_test_acc=target_acc, source_test_acc=source_acc)
+    final = evaluate_domains(t_net, src, tgt, final=True, **ev)
+    meter.write(step=args.steps, **final)
+    write_predictions(run_dir, t_net, tgt, **ev)
     if not args.source_only:
         save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png", generator=grid_g)
     if not args.no_save_model:
@@ -317,7 +316,8 @@ def main(args):
                            "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "pixelda", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
-        "target_acc": round(target_acc, 3), "source_acc": round(source_acc, 3)}, meter, t_start, device)
+        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3)}, meter,
+        t_start, device, final, (src, tgt))
 
 
 if __name__ == "__main__":
