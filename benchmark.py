@@ -56,7 +56,7 @@ PAPER = {
     ("i2i_adapt", "svhn-mnist", "c+z+id_y+trc"): 90.1,
     ("i2i_adapt", "mnist-usps", "source-only"): 91.1, ("i2i_adapt", "usps-mnist", "source-only"): 67.0,
     ("i2i_adapt", "svhn-mnist", "source-only"): 71.5,
-    # PixelDA (paper Tables 1-2 via anchors A.5), 500k steps
+    # PixelDA (paper Tables 1-2), 500k steps
     ("pixelda", "mnist-mnistm", "pixelda"): 98.2, ("pixelda", "mnist-mnistm", "source-only"): 63.6,
     ("pixelda", "mnist-usps", "pixelda"): 95.9, ("pixelda", "mnist-usps", "source-only"): 78.9,
 }

@@ -24,7 +24,7 @@ Implemented:
   * Adam lr 1e-4 for G_c and both discriminators, batch 128 per domain, constant lr (the official StepLR is
     never stepped); discriminators step first, then G_c, every iteration.
 
-Per-task defaults (official configs/digits/*.yml; notes in anchors.md A.4):
+Per-task defaults (the official code's configs/digits/*.yml):
     task        src epochs  src wd  batch  epochs  lr    width  blocks  L_inf  patch
     mnist-usps  300         5e-4    128    200     1e-4  8      9       0.4    4
     usps-mnist  250         5e-4    128    50      1e-4  4      9       0.9    8
@@ -53,7 +53,8 @@ Deviations, each a flag or stated here:
     `resolution` is the config entry 16 / 32 / 16: for M->U and S->M only tiles from the top 8 pixel rows;
     its pixel permutation is shared by all images and channels. Here the patch can sit anywhere (any offset), is
     at the same place in all four groups, and is shuffled per image and per channel, as the paper describes.
-  * No CycleGAN-stylised source (the paper's best rows): the issue asks for the calibrator alone.
+  * No CycleGAN-stylised source (the paper's best rows): this file is the calibrator alone, and the official
+    release never published that part.
 
 Paper numbers (Table 1, target accuracy, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGAN-stylised
 source: 97.1 / 98.3 / 97.5). Measured numbers: RESULTS.md.

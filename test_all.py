@@ -7,7 +7,7 @@ a few tests run the scripts as commands, to check what a user sees on the comman
 
 Tiny datasets are written in the real on-disk formats (MNIST idx, USPS LIBSVM .bz2, SVHN/SynDigits .mat, MNIST-M PNG
 folders + label files and its .tar.gz), so the real loading code runs. When the real data folder is available
-(UDA_DATA_DIR, or ../shared/data), a short real DANN run must beat a calibrated accuracy threshold.
+(UDA_DATA_DIR; CI sets it), short real runs check a calibrated accuracy threshold and the folder-task loader.
 """
 
 import bz2
@@ -1406,14 +1406,14 @@ def test_benchmark_reads_and_renders_the_accuracy_curve(tmp_path):
     assert line.endswith("0: 0.0 · 25: 25.0 · 50: 50.0 · 74: 74.0 · 99: 99.0 |")
 
 # ----------------------------------------------------------------------------------------------------------------
-# real data (CI has it in ../shared/data)
+# real data (UDA_DATA_DIR, when it holds MNIST and USPS)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def real_data_dir():
-    for d in (os.environ.get("UDA_DATA_DIR"), str(HERE.parent / "shared" / "data")):
-        if d and (Path(d) / "MNIST" / "raw").exists() and (Path(d) / "usps.bz2").exists():
-            return Path(d)
+    d = os.environ.get("UDA_DATA_DIR")
+    if d and (Path(d) / "MNIST" / "raw").exists() and (Path(d) / "usps.bz2").exists():
+        return Path(d)
     return None
 
 
