@@ -79,6 +79,9 @@ def parse_args(argv=None):
     g.add_argument("--lambda-id-y", type=float, default=0.1, help="Q_id: L1 reconstruction of target images")
     g.add_argument("--lambda-cyc", type=float, default=0.1, help="Q_cyc: L1 cycle consistency, both directions")
     g.add_argument("--lambda-trc", type=float, default=0.1, help="Q_trc: classify source->target translations")
+    g = p.add_argument_group("networks")
+    g.add_argument("--encoder-norm", default="batch", choices=["batch", "layer", "instance"],
+                   help="normalisation in the encoder f (see encoder() and the docstring)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=64, help="images per domain per step")
     g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of every network")
@@ -102,17 +105,26 @@ def parse_args(argv=None):
         raise UsageError(f"--betas '{args.betas}' must be two comma-separated numbers")
     on = [k for k in LAMBDAS if args.lam[k] > 0]
     args.variant = "full" if len(on) == len(LAMBDAS) else ("source-only" if on == ["c"] else "+".join(on))
+    if args.encoder_norm != "batch":
+        args.variant += f" ({args.encoder_norm}-norm encoder)"
     return args
 
 
 # ALGO LOGIC: the method's own pieces
-def encoder():
-    """f = f_x = f_y: a modified LeNet, 1x32x32 -> Z = 128x4x4: three conv5-BN-ReLU-maxpool blocks; the last
-    BatchNorm has no learned scale, so the latent's scale is pinned (see the docstring: without it the feature
-    critic lets the encoder inflate Z without bound)."""
+def encoder(norm="batch"):
+    """f = f_x = f_y: a modified LeNet, 1x32x32 -> Z = 128x4x4: three conv5-norm-ReLU-maxpool blocks; the last
+    normalisation has no learned scale, so the latent's scale is pinned (see the docstring: without it the feature
+    critic lets the encoder inflate Z without bound). norm: 'batch' (BatchNorm: batch statistics in training,
+    running averages in evaluation), 'layer' (each image normalised over all its channels and positions) or
+    'instance' (each image and channel on its own): the last two use no statistics of a domain."""
+    def norm_layer(ch, affine):
+        if norm == "batch":
+            return nn.BatchNorm2d(ch, affine=affine)
+        return nn.GroupNorm(1 if norm == "layer" else ch, ch, affine=affine)
+
     layers = []
     for cin, cout in ((1, 32), (32, 64), (64, 128)):
-        layers += [nn.Conv2d(cin, cout, 5, padding=2), nn.BatchNorm2d(cout, affine=cout != 128), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(cin, cout, 5, padding=2), norm_layer(cout, cout != 128), nn.ReLU(), nn.MaxPool2d(2)]
     return nn.Sequential(*layers)
 
 
@@ -144,11 +156,11 @@ def feature_critic():
                          nn.LeakyReLU(0.2), nn.Linear(500, 1))
 
 
-def build_networks(lam, num_classes=10):
+def build_networks(lam, num_classes=10, encoder_norm="batch"):
     """Only the networks some switched-on loss needs. lam: {name: weight}."""
     x2y = lam["tr"] > 0 or lam["cyc"] > 0 or lam["trc"] > 0  # needs g_y(f(x))
     y2x = lam["tr"] > 0 or lam["cyc"] > 0  # needs g_x(f(y))
-    nets = nn.ModuleDict({"enc": encoder(), "cls": classifier(num_classes)})
+    nets = nn.ModuleDict({"enc": encoder(encoder_norm), "cls": classifier(num_classes)})
     need_gx, need_gy = lam["id_x"] > 0 or y2x, lam["id_y"] > 0 or x2y
     if need_gx or need_gy:
         nets["dec"] = decoder_shared()
@@ -250,7 +262,7 @@ def main(args):
 
     # ALGO LOGIC: the networks some switched-on loss needs, two optimisers (generator side, critics)
     lam = args.lam
-    nets = build_networks(lam, len(src.classes)).to(device)
+    nets = build_networks(lam, len(src.classes), args.encoder_norm).to(device)
     critics = [k for k in ("d_z", "d_x", "d_y") if k in nets]
     gen_params = [p for k, m in nets.items() if k not in critics for p in m.parameters()]
     opt_g = torch.optim.Adam(gen_params, lr=args.lr, betas=args.adam_betas)
