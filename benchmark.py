@@ -11,6 +11,7 @@ runs appear. Each run's stdout/stderr is kept under <out>/logs/.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -85,11 +86,36 @@ def parse_args():
     p.add_argument("--out", default="runs/benchmark", help="parent folder of the run folders and logs")
     p.add_argument("--results", default=str(HERE / "results.json"), help="results store")
     p.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="rendered table")
+    p.add_argument("--device", default=None, help="passed to every run (e.g. cuda: runs share the GPU, 1 thread each)")
+    p.add_argument("--rerun", action="store_true", help="run seeds that the results store already holds for a row")
+    p.add_argument("--plan", default=None, choices=list(PLANS), help="run a whole grid of rows instead of "
+                   "--methods/--tasks/-- flags (paper: every verifiable paper row at the paper's schedule)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs that would be started, start none")
     p.add_argument("--overhead", action="store_true", help="measure training-loop overhead instead (dann only)")
     p.add_argument("--overhead-steps", type=int, default=300, help="steps for --overhead")
     args = p.parse_args(argv)
     args.extra = extra
     return args
+
+
+# Paper-length grids: (method, tasks, flags) rows, run for every seed. "paper": every row with a paper number that the
+# digit data here can check, at the paper's (or official code's) schedule, which is each script's default. Stage-1
+# networks are cached per task and seed and shared by a method's variants.
+SO_I2I = ["--lambda-z", "0", "--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-id-y", "0", "--lambda-cyc", "0",
+          "--lambda-trc", "0"]
+PLANS = {"paper": [
+    ("dann", ["mnist-mnistm", "mnist-usps", "usps-mnist"], []),
+    ("dann", ["mnist-mnistm"], ["--lambda-max", "0"]),
+    ("gam", ["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/gam_{task}_{seed}.pt"]),
+    ("calibrator", ["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/cal_{task}_{seed}_official.pt"]),
+    ("calibrator", ["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/cal_{task}_{seed}_official.pt",
+                                                  "--source-bn", "train"]),
+    ("i2i_adapt", ["mnist-usps", "usps-mnist"], []),
+    ("i2i_adapt", ["mnist-usps", "usps-mnist"], ["--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-cyc", "0"]),
+    ("i2i_adapt", ["mnist-usps", "usps-mnist"], SO_I2I),
+    ("pixelda", ["mnist-mnistm", "mnist-usps"], []),
+    ("pixelda", ["mnist-mnistm", "mnist-usps"], ["--source-only"]),
+]}
 
 
 def hardware():
@@ -114,7 +140,7 @@ def fill(flags, task, seed):
 
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
-              "source_model_alone_after_bn_drift", "cost", "curve")
+              "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc")
 
 
 def read_curve(run_dir):
@@ -145,28 +171,48 @@ def merge_seeds(row, new):
 
 
 def run_one(method, task, seed, extra, threads, out):
+    """One run as a subprocess; its summary (plus the command and the accuracy curve), or None if it failed. A run of
+    the same method, task, seed and flags that an earlier benchmark left stopped (its log names a run folder that
+    still has a checkpoint.pt and no summary) is continued with --resume instead of started again."""
     extra = fill(extra, task, seed)
     cmd = [sys.executable, str(HERE / f"{method}.py"), "--task", task, "--seed", str(seed), "--out", out]
     if "--threads" not in extra:
         cmd += ["--threads", str(threads)]
     cmd += extra
+    shown = "python " + " ".join(shlex.quote(c) for c in [f"{method}.py"] + cmd[2:])
     logs = Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    tag = f"{method}__{task}__{seed}__{abs(hash(tuple(extra))) % 10**8}"
+    tag = f"{method}__{task}__{seed}__{hashlib.sha1(json.dumps(extra).encode()).hexdigest()[:8]}"
+    stopped = stopped_run(logs / f"{tag}.out")
+    if stopped is not None:
+        print(f"resuming {stopped}: {shown}", flush=True)
+        keep = [c for c in ("--device", "--threads") if c in cmd]  # the flags --resume may change
+        cmd = cmd[:2] + ["--resume", str(stopped)] + [x for c in keep for x in cmd[cmd.index(c):cmd.index(c) + 2]]
     t0 = time.time()
-    with open(logs / f"{tag}.out", "w") as fo, open(logs / f"{tag}.err", "w") as fe:
+    with open(logs / f"{tag}.out", "a" if stopped else "w") as fo, open(logs / f"{tag}.err", "w") as fe:
         rc = subprocess.run(cmd, stdout=fo, stderr=fe, cwd=HERE).returncode
     lines = (logs / f"{tag}.out").read_text().strip().splitlines()
-    shown = "python " + " ".join(shlex.quote(c) for c in [f"{method}.py"] + cmd[2:])
-    if rc != 0 or not lines:
+    if rc != 0 or not lines or not lines[-1].startswith("{"):
         err = (logs / f"{tag}.err").read_text().strip().splitlines()
         print(f"FAILED ({rc}): {shown}\n  {err[-1] if err else ''}", flush=True)
         return None
     summary = json.loads(lines[-1])
-    print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']:.2f} "
-          f"source {summary['source_acc']:.2f}", flush=True)
+    print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']} "
+          f"source {summary['source_acc']}", flush=True)
     run_dir = summary.get("run_dir")
     return dict(summary, command=shown, curve=read_curve(HERE / run_dir if run_dir else None))
+
+
+def stopped_run(log):
+    """The run folder named in a previous attempt's log, if that run stopped with a checkpoint and no summary."""
+    if not log.exists():
+        return None
+    for line in log.read_text().splitlines()[:50]:
+        if "| run folder " in line:
+            run = HERE / line.rsplit("| run folder ", 1)[1].strip()
+            if (run / "checkpoint.pt").exists() and not (run / "summary.json").exists():
+                return run
+    return None
 
 
 def mean_std(values):
@@ -354,32 +400,47 @@ def main():
         save_store(store, args.results)
         render(store, args.markdown)
         return
-    for m in args.methods:
+    rows = PLANS[args.plan] if args.plan else [(m, args.tasks, []) for m in args.methods]
+    rows = [(m, tasks, flags + args.extra + (["--device", args.device] if args.device else [])) for m, tasks, flags in rows]
+    if args.device == "cuda":  # many runs share one GPU: each is bound by its Python thread, so one CPU thread each
+        threads = 1
+    for m, _, _ in rows:
         if not (HERE / f"{m}.py").exists():
             sys.exit(f"error: no script {m}.py next to benchmark.py")
-    jobs = [(m, t, s) for m in args.methods for t in args.tasks for s in args.seeds]
+    jobs = []
+    for m, tasks, extra in rows:
+        for t in tasks:
+            done = store["rows"].get(row_key(m, t, extra), {}).get("seeds", [])
+            jobs += [(m, t, s, extra) for s in args.seeds if args.rerun or s not in done]
+            if not args.rerun and set(done) & set(args.seeds):
+                print(f"skipping seeds {sorted(set(done) & set(args.seeds))} of {m} {t} {' '.join(extra)}: in "
+                      f"{args.results} already (--rerun runs them again)", flush=True)
+    if args.dry_run:
+        for m, t, s, extra in jobs:
+            print(f"python {m}.py --task {t} --seed {s} " + " ".join(shlex.quote(e) for e in fill(extra, t, s)))
+        print(f"{len(jobs)} runs", flush=True)
+        return
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        results = list(pool.map(lambda j: run_one(*j, args.extra, threads, args.out), jobs))
+        results = list(pool.map(lambda j: run_one(*j[:3], j[3], threads, args.out), jobs))
     store = load_store(args.results)  # again: another benchmark may have saved rows while these runs were going
     store["hardware"] = hardware()
     groups = {}
-    for (m, t, s), r in zip(jobs, results):
+    for (m, t, s, extra), r in zip(jobs, results):
         if r is not None:
-            groups.setdefault((m, t), []).append(r)
-    for (m, t), rs in groups.items():
+            groups.setdefault((m, t, tuple(extra)), []).append(r)
+    for (m, t, extra), rs in groups.items():
         rs.sort(key=lambda r: r["seed"])
-        flags = " ".join(shlex.quote(e) for e in args.extra)
-        key = f"{m}|{t}|{flags}"
+        key = row_key(m, t, extra)
         old = store["rows"].get(key)
         if old is not None and old["steps"] == rs[0]["steps"]:  # same flags, other seeds measured before: merge
             rs = merge_seeds(old, rs)
         seeds = " ".join(str(r["seed"]) for r in rs)
         cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
-        cmd += f" --threads {threads}" if "--threads" not in args.extra else ""
-        cmd += "".join(" " + (e if "$s" in e else shlex.quote(e)) for e in fill(args.extra, t, "$s")) + "; done"
+        cmd += f" --threads {threads}" if "--threads" not in extra else ""
+        cmd += "".join(" " + (e if "${s}" in e else shlex.quote(e)) for e in fill(extra, t, "${s}")) + "; done"
         store["rows"][key] = {
-            "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": flags, "steps": rs[0]["steps"],
-            "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],
+            "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": key.split("|", 2)[2],
+            "steps": rs[0]["steps"], "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],
             "source_acc": [r["source_acc"] for r in rs], "seconds": [r["seconds"] for r in rs],
             "device": rs[0]["device"], "command": cmd, "commands": [r["command"] for r in rs],
             "extra": {k: [r.get(k) for r in rs] for k in EXTRA_KEYS},
@@ -391,6 +452,11 @@ def main():
     failed = sum(r is None for r in results)
     if failed:
         sys.exit(f"error: {failed} of {len(results)} runs failed; see {args.out}/logs")
+
+
+def row_key(method, task, extra):
+    """One results row per method, task and flags (with their {task}/{seed} placeholders)."""
+    return f"{method}|{task}|{' '.join(shlex.quote(e) for e in extra)}"
 
 
 if __name__ == "__main__":

@@ -1341,17 +1341,45 @@ def test_target_val_holds_out_labelled_target_train_images(data_env, tmp_path, c
 
 
 def test_benchmark_writes_results_from_measured_runs(env, tmp_path):
-    res = run_script(["benchmark.py", "--methods", "dann", "--tasks", "mnist-usps", "--seeds", "0", "1", "--jobs", "2",
-                      "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.json"),
-                      "--markdown", str(tmp_path / "RESULTS.md"), "--",
-                      "--steps", "10", "--batch-size", "16", "--no-download"], env, HERE)
+    bench = ["benchmark.py", "--methods", "gam", "--tasks", "mnist-usps", "--jobs", "2", "--out", str(tmp_path / "runs"),
+             "--results", str(tmp_path / "results.json"), "--markdown", str(tmp_path / "RESULTS.md")]
+    flags = ["--", "--source-steps", "20", "--steps", "4", "--disc-pretrain", "1", "--batch-size", "16", "--no-download",
+             "--source-ckpt", str(tmp_path / "ck_{task}_{seed}.pt")]
+    res = run_script([*bench, "--seeds", "0", "1", *flags], env, HERE)
     assert res.returncode == 0, res.stderr[-2000:]
     store = json.loads((tmp_path / "results.json").read_text())
     (row,) = store["rows"].values()
-    assert row["seeds"] == [0, 1] and len(row["target_acc"]) == 2 and row["steps"] == 10
-    assert "--steps 10" in row["command"] and row["variant"] == "dann"
+    assert row["seeds"] == [0, 1] and len(row["target_acc"]) == 2 and row["steps"] == 4 and row["variant"] == "gam"
+    assert "--steps 4" in row["command"] and "ck_mnist-usps_${s}.pt" in row["command"]  # runs as printed in bash
+    assert (tmp_path / "ck_mnist-usps_1.pt").exists()
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "| dann | mnist-usps | dann | 10 | 2 |" in md and "±" in md and "Hardware:" in md
+    assert "| gam | mnist-usps | gam | 4 | 2 |" in md and "±" in md and "Hardware:" in md
+    again = run_script([*bench, "--seeds", "0", "1", "2", *flags], env, HERE)  # seeds 0 and 1 are not run again
+    assert again.returncode == 0 and "skipping seeds [0, 1]" in again.stdout and again.stdout.count("done in") == 1
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"].values()
+    assert row["seeds"] == [0, 1, 2]
+
+
+def test_benchmark_paper_plan_and_stopped_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--plan", "paper", "--dry-run", "--device", "cuda",
+                                      "--results", str(tmp_path / "none.json")])
+    benchmark.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "60 runs" and all("--device cuda" in line for line in out[:-1])
+    for needle in ("gam.py --task usps-mnist --seed 2 --source-ckpt runs/ckpt/gam_usps-mnist_2.pt",
+                   "i2i_adapt.py --task mnist-usps --seed 0 --lambda-tr 0", "pixelda.py --task mnist-mnistm --seed 1",
+                   "calibrator.py --task usps-mnist --seed 0 --source-ckpt runs/ckpt/cal_usps-mnist_0_official.pt "
+                   "--source-bn train"):
+        assert any(needle in line for line in out), needle
+    run = tmp_path / "run"
+    run.mkdir()
+    log = tmp_path / "x.out"
+    log.write_text(f"dann mnist-usps (dann) | ... | cpu | run folder {run}\nstep 10/20 | ...\n")
+    assert benchmark.stopped_run(log) is None  # no checkpoint: started again
+    (run / "checkpoint.pt").write_bytes(b"x")
+    assert benchmark.stopped_run(log) == run  # a checkpoint and no summary: resumed
+    (run / "summary.json").write_text("{}")
+    assert benchmark.stopped_run(log) is None
 
 
 def test_benchmark_rendering_keeps_paper_numbers():
