@@ -835,7 +835,7 @@ GAM_SHORT = ["--task", "mnist-usps", "--source-steps", "60", "--steps", "20", "-
                                            (["--mode", "source-only"], "source-only"),
                                            (["--gan-layers", "fc4", "--gan-weights", "1", "--no-gaussian-init",
                                              "--drift", "0"], "adda"),
-                                           (["--recipe", "paper", "--gan-schedule", "joint"], "gam")])
+                                           (["--recipe", "paper", "--gan-schedule", "joint"], "gam (joint GANs)")])
 def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
     summary, run, _ = run_main(gam, [*GAM_SHORT, "--out", tmp_path, *flags], capsys)
     assert summary["variant"] == variant and summary["no_adaptation"]["source_acc"] >= 80  # stage 1 learned
@@ -846,6 +846,9 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
     args = json.loads((run / "args.json").read_text())  # the recipe's values, resolved
     assert (args["optimizer"], args["lr"], args["steps"]) == (("sgd", 1e-4, 20) if "paper" in flags else ("adam", 2e-4, 20))
     assert args["drift"] == (0.0 if "--drift" in flags else 0.5 if "paper" in flags else 1.0)
+    gans = [r["gans"] for r in metrics(run) if "gans" in r]  # active GANs, logged at steps 10 and 20
+    assert gans == ([] if variant in ("gaussian", "source-only") else [1, 1] if variant == "adda"
+                    else [2, 2] if "joint" in variant else [1, 2])  # the paper's default: one GAN at a time
 
 
 def test_gam_source_checkpoint_is_reused_only_when_trained_the_same_way(data_env, tmp_path, capsys):
