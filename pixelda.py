@@ -97,6 +97,8 @@ def parse_args(argv=None):
         raise UsageError("--private-conv needs translated images; --source-only has none")
     weights = [f"{k.replace('_weight', '').replace('task_in_g', 'task-in-G')} {getattr(args, k):g}"
                for k, v in OFFICIAL_WEIGHTS.items() if getattr(args, k) != v]
+    if args.mask_threshold != 0.0:  # the content loss over another set of pixels
+        weights.append("PMSE on every pixel" if args.mask_threshold < -1 else f"mask > {args.mask_threshold:g}")
     args.variant = "source-only" if args.source_only else ("pixelda" + ("+private-conv" if args.private_conv else "") +
                                                            (f" ({', '.join(weights)})" if weights else ""))
     return args
