@@ -212,9 +212,9 @@ def main(args):
         rec = {"source_val_err": 100 - accuracy(model, val_x, val_y, **ev),
                **evaluate_domains(model, src, tgt, final, **ev)}
         if adapt:  # source images should be called 0 and target images 1; no labels of either are used
-            wrong = ((predict(domain_net, val_x[:2000], **ev) != 0).sum() +
-                     (predict(domain_net, tgt.test_x[:2000], **ev) != 1).sum())
-            rec["domain_err"] = wrong.item() / (len(val_x[:2000]) + len(tgt.test_x[:2000])) * 100
+            xt = (tgt.test_x if len(tgt.test_x) else tgt.train_x)[:2000]  # a folder task may have no test images
+            wrong = (predict(domain_net, val_x[:2000], **ev) != 0).sum() + (predict(domain_net, xt, **ev) != 1).sum()
+            rec["domain_err"] = wrong.item() / (len(val_x[:2000]) + len(xt)) * 100
         return rec
 
     print(f"dann {args.task} ({args.variant}) | {src} -> {tgt} | {args.backbone} {count_params(model):,} params, "
