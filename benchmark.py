@@ -71,6 +71,9 @@ PAPER_NOTES = {
     ("gam", "usps-mnist", "gam (relu3 0.01, fc4 1, joint GANs)"): "not in the paper (GAM full: 98.0)",
     ("gam", "mnist-usps", "gam (joint GANs)"): "not in the paper (GAM full, one GAN at a time: 95.7)",
     ("gam", "usps-mnist", "gam (joint GANs)"): "not in the paper (GAM full, one GAN at a time: 98.0)",
+    **{("i2i_adapt", task, f"{v} (batch-norm encoder)"): f"BatchNorm encoder (paper, {name}: {PAPER[('i2i_adapt', task, v)]})"
+       for task in ("mnist-usps", "usps-mnist") for v, name in (("full", "full"), ("c+z+id_y+trc", "best ablation"),
+                                                                ("source-only", "source only"))},
 }
 
 

@@ -1129,10 +1129,23 @@ def test_i2i_source_only_never_shows_the_encoder_a_target_image():
         stats = []
         for xt in (torch.rand(8, 1, 32, 32) * 2 - 1, torch.full((8, 1, 32, 32), 0.9)):
             torch.manual_seed(1)
-            nets = i2i_adapt.build_networks(lam).train()
+            nets = i2i_adapt.build_networks(lam, encoder_norm="batch").train()
             i2i_adapt.generator_losses(nets, xs, ys, xt, lam)
             stats.append(torch.cat([m.running_mean for m in nets["enc"].modules() if isinstance(m, nn.BatchNorm2d)]))
         assert torch.equal(stats[0], stats[1]) is not sees_target
+
+
+def test_i2i_default_encoder_reads_each_image_on_its_own():
+    """The default encoder normalises per image: in training, an image's latent does not depend on the other
+    images of its batch (BatchNorm's does), so no domain's statistics enter f."""
+    torch.manual_seed(0)
+    x, others = torch.rand(1, 1, 32, 32) * 2 - 1, torch.rand(7, 1, 32, 32) * 2 - 1
+    for norm, independent in (("layer", True), ("instance", True), ("batch", False)):
+        enc = i2i_adapt.encoder(norm).train()
+        alone, in_batch = enc(torch.cat([x, x])), enc(torch.cat([x, others]))
+        assert torch.allclose(alone[0], in_batch[0], atol=1e-5) is independent, norm
+    assert i2i_adapt.parse_args(["--task", "mnist-usps"]).encoder_norm == "layer"
+    assert i2i_adapt.parse_args(["--task", "mnist-usps", "--encoder-norm", "batch"]).variant == "full (batch-norm encoder)"
 
 
 @pytest.mark.parametrize("flags,variant", [([], "full"),
