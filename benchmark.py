@@ -312,7 +312,9 @@ def render(store, path):
                    f"{statistics.mean(r['seconds']) / 60:.1f} min | {r['device']} | `{r['command']}` |")
     out += ["", "Per-seed target accuracy:", ""]
     for r in rows:
-        per = ", ".join(f"seed {s}: {a:.2f}" for s, a in zip(r["seeds"], r["target_acc"]))
+        val = r.get("extra", {}).get("target_val_acc") or [None] * len(r["seeds"])  # --target-val: held-out target train
+        per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
+                        for s, a, v in zip(r["seeds"], r["target_acc"], val))
         out.append(f"- {r['method']} {r['task']} {r['variant']} ({r['steps']} steps): {per}")
     out += tradeoff_table(rows) + curve_table(rows)
     out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
