@@ -53,13 +53,14 @@ Deviations, each a flag or stated here:
 Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0;
 GAM (full) 95.7 +- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M.
 Measured here (RESULTS.md, 3 seeds, final model, target test split). The default one-at-a-time schedule: M->U 94.57
-+- 0.23, U->M 97.67 +- 0.03 (97.69 / 97.69 / 97.63). Every U->M seed rises steadily to the last step (94.8-95.4 at
-step 5,000, when the second GAN joins; 97.3-97.6 at 9,000; 97.6-97.7 at 10,000), so the official 10k iterations, not
-the seed, bound it. On M->U the curves level off at 94-95 from step 7,000, 1.1 points under the paper, whatever F^s
-started from (no adaptation 74.8 / 66.0 / 74.1 in these runs, the paper's 77.8; final 94.5 / 94.8 / 94.4). The joint
-schedule gives M->U 94.40 +- 0.72 and U->M 88.51 +- 10.54 (seeds 98.29 / 77.35 / 89.90): each joint U->M run settles
-within its first 2,000 adaptation steps on a plateau it keeps to the end, so the seed decides. ADDA (`--gan-layers
-fc4 ...`) varies the same way (85.34 / 97.16 / 94.97).
++- 0.23, U->M 97.67 +- 0.03 (97.69 / 97.69 / 97.63), inside the paper's 98.0 +- 0.5. Every U->M seed still rises at
+the last step (94.8-95.4 at step 5,000, when the second GAN joins; 97.3-97.6 at 9,000), but a longer schedule does
+not help: with --steps 20000 (10,000 per GAN) seed 0 ends at 96.48 (95.25 when the second GAN joins). On M->U the
+curves level off at 94-95 from step 7,000, 1.1 points under the paper, whatever F^s started from (no adaptation 74.8
+/ 66.0 / 74.1 in these runs, the paper's 77.8; final 94.5 / 94.8 / 94.4). The joint schedule gives M->U 94.40 +-
+0.72 and U->M 88.51 +- 10.54 (seeds 98.29 / 77.35 / 89.90): each joint U->M run settles within its first 2,000
+adaptation steps on a plateau it keeps to the end, so the seed decides. ADDA (`--gan-layers fc4 ...`) varies the
+same way (85.34 / 97.16 / 94.97).
 """
 
 import argparse
