@@ -844,6 +844,12 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
     if variant == "source-only":
         assert summary["target_acc"] == summary["no_adaptation"]["target_acc"]
     args = json.loads((run / "args.json").read_text())  # the recipe's values, resolved
+    if variant == "gam":  # target_train_acc: the final F^t on the target *training* images (the official split)
+        f_t = common.lenet()
+        f_t.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+        _, tgt = common.load_task(gam.parse_args([str(a) for a in GAM_SHORT]), 28, 1, torch.device("cpu"))
+        acc = common.accuracy(f_t.eval(), tgt.train_x, tgt.train_y, input_range=args["input_range"])
+        assert summary["target_train_acc"] == round(acc, 3) and len(tgt.train_x) != len(tgt.test_x)
     assert (args["optimizer"], args["lr"], args["steps"]) == (("sgd", 1e-4, 20) if "paper" in flags else ("adam", 2e-4, 20))
     assert args["drift"] == (0.0 if "--drift" in flags else 0.5 if "paper" in flags else 1.0)
     gans = [r["gans"] for r in metrics(run) if "gans" in r]  # active GANs, logged at steps 10 and 20
@@ -1252,6 +1258,7 @@ def test_every_script_runs_a_folder_task(script, flags, folder_root, tmp_path, m
     assert summary["task"] == "folder" and run.name.startswith(f"{script}__folder__")
     assert summary["data"]["classes"] == list(FOLDER_CLASSES) and summary["target_acc"] is not None
     assert "source training images" in summary["data"]["source_acc_on"]
+    assert summary.get("target_train_acc", None) is None  # gam: no labels to score the target training images with
     rows = (run / "predictions.csv").read_text().splitlines()
     assert rows[0] == "file,predicted_class,confidence" and len(rows) == 1 + len(truth)
     for row in rows[1:]:
