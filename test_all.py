@@ -1391,6 +1391,7 @@ def test_benchmark_paper_plan_and_stopped_runs(tmp_path, capsys, monkeypatch):
     assert out[-1] == "60 runs" and all("--device cuda" in line for line in out[:-1])
     for needle in ("gam.py --task usps-mnist --seed 2 --source-ckpt runs/ckpt/gam_usps-mnist_2.pt",
                    "i2i_adapt.py --task mnist-usps --seed 0 --lambda-tr 0", "pixelda.py --task mnist-mnistm --seed 1",
+                   "pixelda.py --task mnist-usps --seed 2 --task-in-g-weight 1.01 --content-weight 1.13",
                    "calibrator.py --task usps-mnist --seed 0 --source-ckpt runs/ckpt/cal_usps-mnist_0_official.pt "
                    "--source-bn train"):
         assert any(needle in line for line in out), needle
