@@ -45,8 +45,8 @@ source-only 77.8) scaling the content and task-in-G weights together ranked 1x t
 and 100x 84.7 (a full-image PMSE with content weight 1.0: 56.5). For MNIST->USPS use `--task-in-g-weight 1.01
 --content-weight 1.13`: 3 seeds at 500 steps end at 81.2 / 79.3 / 81.2 (80.57 +- 1.08) on the test split, above
 source-only at the same schedule on every seed (source-only 75.8 / 67.3 / 76.2; 76.6 / 77.8 / 77.7 at 1000 steps).
-Without the GAN (`--domain-weight 0`, seed 0) these weights give 77.1 (validation 77.8, source-only's): the gain is
-G's target-styled images, not the extra losses.
+Without the GAN (`--domain-weight 0`) these weights give 77.1 / 74.6 / 71.1, 4-10 points under the same seeds with
+it: the gain is G's target-styled images, not the extra losses.
 What fails with the official weights on MNIST->USPS: USPS digits fill the frame (at 32x32 the ink's bounding box is
 30 px high and a quarter of the pixels are ink; MNIST: 22 px, 12 %), so to pass for USPS G must enlarge the digit.
 Its same-resolution residual convolutions do so by painting new strokes around the old ones, outside the stroke mask
