@@ -39,8 +39,8 @@ Two recipes (`--recipe`), since the paper and its released code disagree:
 
 Evaluation protocol: accuracy of the final F^t on the target *test* split and on the source test split; never
 selected on target labels. The official scripts (ADDA's protocol, which the paper follows) scored the target *train*
-split, the images F^t adapted on: summary.json's `target_train_acc` is that number for the final F^t. summary.json also holds
-F^s's target accuracy ("no adaptation") and, with Gaussian initialisation, the Gaussian-only accuracy.
+split, the images F^t adapted on: summary.json's `target_train_acc` is that number for the final F^t. summary.json
+also holds F^s's target accuracy ("no adaptation") and, with Gaussian initialisation, the Gaussian-only accuracy.
 
 Deviations, each a flag or stated here:
   * Inputs 28x28 gray in [0, 1] (`--input-range`), as the official code; SVHN is converted to gray and resized.
@@ -51,19 +51,18 @@ Deviations, each a flag or stated here:
   * Adversarial pairing: the discriminators step first, then F^t, every iteration (the official code runs both
     in one TF call with a shared Adam).
 
-Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0;
-GAM (full) 95.7 +- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M.
-Measured here (RESULTS.md, 3 seeds, final model, target test split). The default one-at-a-time schedule: M->U 94.57
-+- 0.23, U->M 97.67 +- 0.03 (97.69 / 97.69 / 97.63), inside the paper's 98.0 +- 0.5. Every U->M seed still rises at
-the last step (94.8-95.4 at step 5,000, when the second GAN joins; 97.3-97.6 at 9,000), but a longer schedule does
-not help: with --steps 20000 (10,000 per GAN) seed 0 ends at 96.48 (95.25 when the second GAN joins). On M->U the
-curves level off at 94-95 from step 7,000, 1.1 points under the paper, whatever F^s started from (no adaptation 74.8
-/ 66.0 / 74.1 in these runs, the paper's 77.8; final 94.5 / 94.8 / 94.4). The gap is the evaluation split: on the
-USPS *train* split (the official protocol) the same final models score 96.1 / 97.0 / 96.5 (96.52 +- 0.46), above
-the paper's 95.7; USPS's test split is about 2 points harder for every model here, F^s included. The joint schedule gives M->U 94.40 +-
-0.72 and U->M 88.51 +- 10.54 (seeds 98.29 / 77.35 / 89.90): each joint U->M run settles within its first 2,000
-adaptation steps on a plateau it keeps to the end, so the seed decides. ADDA (`--gan-layers fc4 ...`) varies the
-same way (85.34 / 97.16 / 94.97).
+Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM (full) 95.7
++- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M. Measured here (RESULTS.md, 3 seeds, final model, target
+test split). The default one-at-a-time schedule: M->U 94.57 +- 0.23, U->M 97.67 +- 0.03 (97.69 / 97.69 / 97.63),
+inside the paper's 98.0 +- 0.5. Every U->M seed still rises at the last step (94.8-95.4 at step 5,000, when the
+second GAN joins; 97.3-97.6 at 9,000), but a longer schedule does not help: with --steps 20000 (10,000 per GAN) seed
+0 ends at 96.48 (95.25 when the second GAN joins). On M->U the curves level off at 94-95 from step 7,000, 1.1 points
+under the paper, whatever F^s started from (no adaptation 74.8 / 66.0 / 74.1 in these runs, the paper's 77.8; final
+94.5 / 94.8 / 94.4). The gap is the evaluation split: on the USPS *train* split (the official protocol) the same
+final models score 96.1 / 97.0 / 96.5 (96.52 +- 0.46), above the paper's 95.7; USPS's test split is about 2 points
+harder for every model here, F^s included. The joint schedule gives M->U 94.40 +- 0.72 and U->M 88.51 +- 10.54
+(seeds 98.29 / 77.35 / 89.90): each joint U->M run settles within its first 2,000 adaptation steps on a plateau it
+keeps to the end, so the seed decides. ADDA (`--gan-layers fc4 ...`) varies the same way (85.34 / 97.16 / 94.97).
 """
 
 import argparse

@@ -51,8 +51,8 @@ What fails with the official weights on MNIST->USPS: USPS digits fill the frame 
 30 px high and a quarter of the pixels are ink; MNIST: 22 px, 12 %), so to pass for USPS G must enlarge the digit.
 Its same-resolution residual convolutions do so by painting new strokes around the old ones, outside the stroke mask
 the PMSE looks at, and the class goes with the shape: T reads x_s's label in 14 % of G's images with the official
-weights, 61-82 % at 10x, 91-93 % at 100x (eval mode, 2,000 MNIST test digits), and T's final USPS accuracy follows that
-order (36, 57-75, 79-81 %). Watch the logged `t_acc_on_fake` (printed and in metrics.jsonl: T's accuracy on G's
+weights, 61-82 % at 10x, 91-93 % at 100x (eval mode, 2,000 MNIST test digits), and T's final USPS accuracy follows
+that order (36, 57-75, 79-81 %). Watch the logged `t_acc_on_fake` (printed and in metrics.jsonl: T's accuracy on G's
 images, source labels only): near chance means G has dropped the class.
 """
 
