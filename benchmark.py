@@ -72,6 +72,8 @@ PAPER_NOTES = {
     ("gam", "usps-mnist", "gam (relu3 0.01, fc4 1, joint GANs)"): "not in the paper (GAM full: 98.0)",
     ("gam", "mnist-usps", "gam (joint GANs)"): "not in the paper (GAM full, one GAN at a time: 95.7)",
     ("gam", "usps-mnist", "gam (joint GANs)"): "not in the paper (GAM full, one GAN at a time: 98.0)",
+    ("gam", "mnist-usps", "gam (equal-shares GANs)"): "one GAN at a time, fixed join (GAM full: 95.7)",
+    ("gam", "usps-mnist", "gam (equal-shares GANs)"): "one GAN at a time, fixed join (GAM full: 98.0)",
     **{("i2i_adapt", task, f"{v} (batch-norm encoder)"): f"BatchNorm encoder (paper, {name}: {PAPER[('i2i_adapt', task, v)]})"
        for task in ("mnist-usps", "usps-mnist") for v, name in (("full", "full"), ("c+z+id_y+trc", "best ablation"),
                                                                 ("source-only", "source only"))},
@@ -148,7 +150,7 @@ def fill(flags, task, seed):
 
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
-              "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc")
+              "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins")
 
 
 def read_curve(run_dir):

@@ -1139,6 +1139,8 @@ class Meter:
 
 
 def _state(obj):
+    if isinstance(obj, dict):  # a loop's own small bookkeeping (numbers, lists, tensors)
+        return dict(obj)
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if hasattr(obj, "getstate"):  # random.Random
@@ -1147,7 +1149,10 @@ def _state(obj):
 
 
 def _set_state(obj, state):
-    if isinstance(obj, torch.Generator):
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    elif isinstance(obj, torch.Generator):
         obj.set_state(state)
     elif hasattr(obj, "setstate"):
         obj.setstate(state)

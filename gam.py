@@ -19,13 +19,16 @@ Implemented:
     and the logits (weight 1.0); discriminators pre-trained 500 iterations; Gaussian matching as initialisation
     (the paper: "crucial").
   * One GAN at a time (Sec. 5: "For digit classification, we found it to be more stable to add one GAN at a time,
-    after the training for the previous GAN converged"), the default `--gan-schedule one-at-a-time`: the GANs are
-    added in --gan-layers order, from the input upward as in the Gaussian matching (the 500-d hidden layer, then the
-    logits), each after an equal share of the iterations (5,000 of the official 10,000 for two GANs). The paper
-    does not say how it judged convergence; a fixed share needs no target label and is past convergence by the
-    training signals: with the first GAN alone, the discriminator and F^t losses level off within about 1,000
-    iterations and stay within a few per cent until the second GAN joins (U->M, seed 0: loss_d 0.068-0.080 from
-    step 1,000 to 5,000). `--gan-schedule joint` trains all GANs from the start, as the released code does.
+    after the training for the previous GAN converged"), the default `--gan-schedule converged`: the GANs are added
+    in --gan-layers order, from the input upward as in the Gaussian matching (the 500-d hidden layer, then the
+    logits). The paper does not say how it judged convergence; here only a training signal does: the next GAN joins
+    once the discriminator loss has flattened, its mean over a window of 500 iterations (the discriminators'
+    pre-training length) within 5 % of the window before (`--converge-window`, `--converge-tol`, fixed before any
+    run, never tuned on target labels), and at the latest after an equal share of the iterations. On M<->U the first
+    GAN's loss flattens at iteration 2,000 (U->M seed 0, window means 0.219, 0.070, 0.074, 0.076).
+    `--gan-schedule equal-shares` adds each GAN after an equal share instead (5,000 of the official 10,000 for two
+    GANs, long after the loss has flattened; the earlier default); `--gan-schedule joint` trains all GANs from the
+    start, as the released code does.
   * ADDA is the special case `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0`; with `--drift 1`
     it is Table 1's "ADDA + our regularization"; `--drift 0` alone is "GAM (no regularization)".
   * Label-distribution mismatch (Table 2): `--source-subset` / `--target-subset {full,odd,even}` remove half of
@@ -111,13 +114,20 @@ def parse_args(argv=None):
     g.add_argument("--drift-ref", default="init", choices=["init", "source"], help="weights the drift term pulls to")
     g.add_argument("--gan-layers", default="relu3,fc4", help="LeNet layers matched by GANs (relu3: 500-d hidden)")
     g.add_argument("--gan-weights", default="0.1,1.0", help="loss weight per matched layer")
-    g.add_argument("--gan-schedule", default="one-at-a-time", choices=["one-at-a-time", "joint"],
-                   help="one-at-a-time (the paper's, for digits): the next GAN joins every steps/len(layers) "
-                        "iterations, in --gan-layers order; joint: all GANs from the start (the released code)")
+    g.add_argument("--gan-schedule", default="converged", choices=["converged", "equal-shares", "joint"],
+                   help="converged (the paper's digit schedule, one GAN at a time): the next GAN, in --gan-layers "
+                        "order, joins once the discriminator loss has flattened (--converge-*), at the latest where "
+                        "equal-shares adds it; equal-shares: the next GAN joins every steps/len(layers) iterations; "
+                        "joint: all GANs from the start (the released code)")
+    g.add_argument("--converge-window", type=int, default=500,
+                   help="converged: the discriminator loss is averaged over windows of this many iterations")
+    g.add_argument("--converge-tol", type=float, default=0.05,
+                   help="converged: flattened = a window's mean within this fraction of the window before")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
     args = parse(p, argv)
-    check_args(args, positive=("lr", "source_lr"), at_least_one=("source_steps", "batch_size", "stats_samples"),
+    check_args(args, positive=("lr", "source_lr", "converge_tol"),
+               at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
                non_negative=("drift", "disc_pretrain"))
     # derived defaults, resolved here so that args.json records the values used
     for k, v in RECIPES[args.recipe].items():
@@ -148,7 +158,7 @@ def parse_args(argv=None):
         args.variant = ("gam" if args.drift > 0 else "gam-no-drift") + ("" if args.gaussian_init else "-no-gaussian-init")
         named = [f"{k} {w:g}" for k, w in zip(args.layers, args.weights)] if (args.layers, args.weights) != PAPER_GANS \
             else []  # not the paper's matched layers / weights
-        named += ["joint GANs"] if args.gan_schedule == "joint" and len(args.layers) > 1 else []
+        named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
         args.variant += f" ({', '.join(named)})" if named else ""
     return args
 
@@ -235,6 +245,18 @@ def target_step(f_t, discs, opt_t, a_t, weights, ref, drift_w):
     return loss_gan.detach(), loss_drift.detach()
 
 
+def flattened(sched, step, loss_d, window, tol):
+    """--gan-schedule converged, after adaptation iteration `step`: True when the newest GAN has converged by the
+    training signal alone, its discriminator loss's mean over the last `window` iterations being within `tol`
+    (relative) of the window before. One host sync per window."""
+    sched["sum"] = sched["sum"] + loss_d
+    if (step + 1 - sched["since"]) % window:
+        return False
+    mean = float(sched["sum"]) / window
+    prev, sched["prev"], sched["sum"] = sched["prev"], mean, 0.0
+    return prev > 0 and abs(mean - prev) <= tol * prev
+
+
 def make_optimizer(params, kind, lr):
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
@@ -283,7 +305,7 @@ def main(args):
         print(f"Gaussian matching: target {gaussian['target_acc']:.2f} source {gaussian['source_acc']:.2f}", flush=True)
 
     # ---- stage 2b: general activation matching with one GAN per layer (eq. 3) -----------------------------------
-    meter = None
+    meter, sched = None, None
     if args.mode == "gam":
         f_t.eval()  # no dropout in the matched activations
         ref = [p.detach().clone() for p in (f_t if args.drift_ref == "init" else f_s).parameters()]
@@ -301,13 +323,17 @@ def main(args):
 
         total = args.disc_pretrain + args.steps
         meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+        # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined
+        sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0])
         state = dict(f_t=f_t, discs=discs, opt_d=opt_d, opt_t=opt_t, s_sampler=s_sampler, t_sampler=t_sampler, g=g,
-                     meter=meter)
+                     meter=meter, sched=sched)
         for it in range(load_checkpoint(args, run_dir, state), total):
             # ALGO LOGIC
             step = it - args.disc_pretrain  # < 0 while the discriminators are pre-trained
-            n_active = (len(args.layers) if args.gan_schedule == "joint" or step < 0
-                        else 1 + step * len(args.layers) // args.steps)
+            share = 1 + step * len(args.layers) // args.steps  # equal shares of the iterations (converged: the latest)
+            if step >= 0 and args.gan_schedule != "joint" and share > sched["active"]:
+                sched.update(active=share, since=step, sum=0.0, prev=-1.0, joins=sched["joins"] + [step])
+            n_active = len(args.layers) if args.gan_schedule == "joint" or step < 0 else sched["active"]
             active = dict(zip(args.layers[:n_active], args.weights[:n_active]))  # {layer: GAN loss weight}
             with torch.no_grad():
                 a_s = f_s.activations(to_float(src_x[s_sampler.next()], args.input_range))  # source net, source data
@@ -316,6 +342,10 @@ def main(args):
             loss_gan = loss_drift = torch.zeros((), device=device)
             if step >= 0:  # after the discriminators' pre-training
                 loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
+                if (args.gan_schedule == "converged" and n_active < len(args.layers)
+                        and flattened(sched, step, loss_d, args.converge_window, args.converge_tol)):
+                    sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
+                                 joins=sched["joins"] + [step + 1])  # the next GAN joins
 
             # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
             meter.add(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
@@ -339,6 +369,7 @@ def main(args):
         "source_steps": 0 if loaded else args.source_steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
         "target_train_acc": round(train_acc, 3),
+        "gan_joins": sched["joins"] if sched and args.gan_schedule != "joint" else None,  # iterations the GANs joined
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},
         meter if args.mode == "gam" else None, t_start, device, final, (src, tgt))

@@ -634,8 +634,8 @@ def test_a_bad_source_checkpoint_is_one_line_and_writes_nothing(script, content,
 
 RESUME_RUNS = {  # short runs, stopped after the checkpoint at step 6 (gam: iteration 6, pre-training included)
     "dann": ["--task", "mnist-usps", "--steps", "12", "--batch-size", "16", "--eval-every", "4"],
-    "gam": ["--task", "mnist-usps", "--source-steps", "30", "--steps", "8", "--disc-pretrain", "4", "--batch-size", "16",
-            "--eval-every", "4"],
+    "gam": ["--task", "mnist-usps", "--source-steps", "30", "--steps", "16", "--disc-pretrain", "4", "--batch-size", "16",
+            "--eval-every", "4", "--converge-window", "2", "--converge-tol", "10"],
     "calibrator": ["--task", "mnist-usps", "--source-epochs", "3", "--steps", "12", "--batch-size", "16", "--width", "2",
                    "--blocks", "1", "--source-bn", "train", "--eval-every", "4", "--grid-images", "0"],
     "i2i_adapt": ["--task", "usps-mnist", "--steps", "12", "--batch-size", "4", "--eval-every", "4"],
@@ -667,6 +667,8 @@ def test_a_stopped_run_resumes_to_the_same_final_model(script, data_env, tmp_pat
     resumed, run, out = run_main(m, ["--resume", stopped], capsys)
     assert "resumed from" in out and run == stopped
     assert (resumed["target_acc"], resumed["source_acc"]) == (whole["target_acc"], whole["source_acc"])
+    if script == "gam":  # the schedule's loss window spans the stop: the second GAN joins at the same iteration
+        assert resumed["gan_joins"] == whole["gan_joins"] == [0, 4]
     a, b = torch.load(whole_run / "model.pt", weights_only=True), torch.load(run / "model.pt", weights_only=True)
     flat = lambda d: {k: v for k, v in d.items() if isinstance(v, torch.Tensor)} if isinstance(d, dict) else {}  # noqa: E731
     for key, value in a.items():
@@ -818,6 +820,17 @@ def test_gam_adversarial_directions():
     assert p_source({"fc4": f_t(x_t)}) > t1
 
 
+def test_gam_converged_schedule_waits_for_the_discriminator_loss_to_flatten():
+    window, tol = 2, 0.05
+    sched = dict(since=0, sum=0.0, prev=-1.0)
+    losses = [1.0, 1.0, 0.5, 0.5, 0.49, 0.49]  # window means 1.0, 0.5 (-50 %), 0.49 (-2 %)
+    said = [gam.flattened(sched, step, torch.tensor(v), window, tol) for step, v in enumerate(losses)]
+    assert said == [False, False, False, False, False, True]  # only at a window's end, only once it has flattened
+    sched = dict(since=1, sum=0.0, prev=-1.0)  # windows count from the iteration the newest GAN joined
+    said = [gam.flattened(sched, step, torch.tensor(v), window, tol) for step, v in enumerate(losses, 1)]
+    assert said == [False, False, False, False, False, True]
+
+
 def test_gam_label_subsets_remove_half_of_the_odd_or_even_digits():
     y = torch.arange(1000) % 10
     x = torch.zeros(1000, 1, 2, 2)
@@ -835,7 +848,9 @@ GAM_SHORT = ["--task", "mnist-usps", "--source-steps", "60", "--steps", "20", "-
                                            (["--mode", "source-only"], "source-only"),
                                            (["--gan-layers", "fc4", "--gan-weights", "1", "--no-gaussian-init",
                                              "--drift", "0"], "adda"),
-                                           (["--recipe", "paper", "--gan-schedule", "joint"], "gam (joint GANs)")])
+                                           (["--recipe", "paper", "--gan-schedule", "joint"], "gam (joint GANs)"),
+                                           (["--gan-schedule", "equal-shares"], "gam (equal-shares GANs)"),
+                                           (["--converge-window", "2", "--converge-tol", "100"], "gam")])
 def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
     summary, run, _ = run_main(gam, [*GAM_SHORT, "--out", tmp_path, *flags], capsys)
     assert summary["variant"] == variant and summary["no_adaptation"]["source_acc"] >= 80  # stage 1 learned
@@ -852,9 +867,17 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
         assert summary["target_train_acc"] == round(acc, 3) and len(tgt.train_x) != len(tgt.test_x)
     assert (args["optimizer"], args["lr"], args["steps"]) == (("sgd", 1e-4, 20) if "paper" in flags else ("adam", 2e-4, 20))
     assert args["drift"] == (0.0 if "--drift" in flags else 0.5 if "paper" in flags else 1.0)
-    gans = [r["gans"] for r in metrics(run) if "gans" in r]  # active GANs, logged at steps 10 and 20
-    assert gans == ([] if variant in ("gaussian", "source-only") else [1, 1] if variant == "adda"
-                    else [2, 2] if "joint" in variant else [1, 2])  # the paper's default: one GAN at a time
+    # active GANs, logged at steps 10 and 20, and the iterations they joined at: one at a time by default, the second
+    # as soon as the loss flattens (a 100x tolerance: at the second window's end), else at the latest, half-way
+    gans, joins = [r["gans"] for r in metrics(run) if "gans" in r], summary["gan_joins"]
+    if variant in ("gaussian", "source-only"):
+        assert gans == [] and joins is None
+    elif variant == "adda":
+        assert gans == [1, 1] and joins == [0]
+    elif "joint" in variant:
+        assert gans == [2, 2] and joins is None
+    else:
+        assert (gans, joins) == (([2, 2], [0, 4]) if "--converge-tol" in flags else ([1, 2], [0, 10]))
 
 
 def test_gam_source_checkpoint_is_reused_only_when_trained_the_same_way(data_env, tmp_path, capsys):
