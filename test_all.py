@@ -1175,6 +1175,9 @@ def test_i2i_default_encoder_reads_each_image_on_its_own():
         assert torch.allclose(alone[0], in_batch[0], atol=1e-5) is independent, norm
     assert i2i_adapt.parse_args(["--task", "mnist-usps"]).encoder_norm == "layer"
     assert i2i_adapt.parse_args(["--task", "mnist-usps", "--encoder-norm", "batch"]).variant == "full (batch-norm encoder)"
+    no_aug = ["--task", "mnist-usps", "--aug-translate", "0", "--aug-rotate", "0", "--lambda-z", "0"]
+    assert i2i_adapt.parse_args(no_aug).variant == "c+tr+id_x+id_y+cyc+trc (no augmentation)"
+    assert i2i_adapt.parse_args(no_aug[:4] + ["--aug-rotate", "5"]).variant == "full (augmentation 0, 5 deg)"
 
 
 @pytest.mark.parametrize("flags,variant", [([], "full"),
