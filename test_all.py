@@ -548,6 +548,7 @@ BAD_FLAGS = [
     ("gam", ["--gan-layers", "fc4,relu3", "--gan-weights", "1"], "one weight per layer"),
     ("gam", ["--gan-layers", "fc9", "--gan-weights", "1"], "LeNet layers"),
     ("gam", ["--mode", "gaussian", "--no-gaussian-init"], "--no-gaussian-init"),
+    ("gam", ["--converge-window", "0"], "--converge-window"), ("gam", ["--converge-tol", "0"], "--converge-tol"),
     ("calibrator", ["--linf", "0"], "--linf"), ("calibrator", ["--patch", "40"], "--patch"),
     ("calibrator", ["--betas", "0.5"], "--betas"), ("calibrator", ["--calib-dropout", "1"], "--calib-dropout"),
     ("i2i_adapt", ["--lambda-c", "0", "--lambda-trc", "0"], "untrained"), ("i2i_adapt", ["--lambda-z", "-1"], ">= 0"),
