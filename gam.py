@@ -63,8 +63,9 @@ U->M 95.39 +- 4.69 (98.06 / 98.14 / 89.98), M->U 94.57 +- 0.05.
     version reached 97.63: where the GAN stage settles is decided in its first steps, and small numerical
     differences change it. Runs that stall show it without labels: their discriminator loss over the last 4,000
     iterations is 1.34-1.36, against 1.39-1.43 for the runs that reach 96-98 (chance for the two weighted
-    discriminators: 1.52). On the same code and seeds, equal-shares gives 96.51 / 96.99 / 89.67: joining the second
-    GAN once the first has converged, not half-way, is worth 1.2-1.5 points where the run does not stall.
+    discriminators: 1.52). On the same code and seeds, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 /
+    93.97): joining the second GAN once the first has converged, not half-way, is worth 1.2-1.5 points on U->M where
+    the run does not stall, and 0.3-0.5 on every M->U seed.
   * M->U levels off at 94-95 under every schedule, 1.1 under the paper. The gap is the evaluation split: on the USPS
     *train* split (the official protocol) the same final models score 96.02 / 96.59 / 96.61 (96.41 +- 0.33), above
     the paper's 95.7; USPS's test split is about 2 points harder for every model here, F^s included.
