@@ -61,9 +61,9 @@ U->M 95.39 +- 4.69 (98.06 / 98.14 / 89.98), M->U 94.57 +- 0.05.
   * U->M: two seeds pass the paper's 98.0. Seed 2 stays on a plateau near 90 under either one-at-a-time schedule
     (equal-shares: 89.67), from the same F^s and Gaussian-matched start from which this file's code of an earlier
     version reached 97.63: where the GAN stage settles is decided in its first steps, and small numerical
-    differences change it. Runs that stall show it without labels: their discriminator loss over the last 4,000
-    iterations is 1.34-1.36, against 1.39-1.43 for the runs that reach 96-98 (chance for the two weighted
-    discriminators: 1.52). On the same code and seeds, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 /
+    differences change it. A hint without labels, not a rule: in the 10,000-step runs, the discriminator loss over
+    the last 4,000 iterations is 1.34-1.36 for the two that stall and 1.39-1.43 for the seven that reach 96-98
+    (chance for the two weighted discriminators: 1.52), but the 20,000-step run ends at 96.48 with 1.36. On the same code and seeds, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 /
     93.97): joining the second GAN once the first has converged, not half-way, is worth 1.2-1.5 points on U->M where
     the run does not stall, and 0.3-0.5 on every M->U seed.
   * M->U levels off at 94-95 under every schedule, 1.1 under the paper. The gap is the evaluation split: on the USPS
