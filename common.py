@@ -1222,21 +1222,29 @@ def load_source(net, ckpt, identity):
 
 
 def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, input_range, log_every, amp):
-    """Stage 1: Adam on cross entropy over labelled source images (uint8, on the device), batches drawn by index."""
+    """Stage 1: Adam on cross entropy over labelled source images (uint8, on the device), batches drawn by index.
+
+    It draws from copies of the random streams (`generator`'s and torch's global one, which dropout uses) and leaves
+    the caller's as it found them: stage 2 then draws the same numbers whether this run trained the network or loaded it from
+    --source-ckpt, so a cached stage 1 never changes a seed's result."""
     device = x.device
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    sampler = IndexSampler(len(x), batch_size, device, generator)
-    meter = Meter(None, steps, log_every, prefix="source ")
-    net.train()
-    for step in range(1, steps + 1):
-        idx = sampler.next()
-        with autocast(device, amp):
-            loss = F.cross_entropy(net(to_float(x[idx], input_range)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        meter.add(loss_y=loss)
-        meter.step(step)
+    own = torch.Generator(device=generator.device)
+    own.set_state(generator.get_state())
+    devices = [] if device.type == "cpu" else [device.index or 0]
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+        sampler = IndexSampler(len(x), batch_size, device, own)
+        meter = Meter(None, steps, log_every, prefix="source ")
+        net.train()
+        for step in range(1, steps + 1):
+            idx = sampler.next()
+            with autocast(device, amp):
+                loss = F.cross_entropy(net(to_float(x[idx], input_range)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            meter.add(loss_y=loss)
+            meter.step(step)
 
 
 def save_source(net, identity, paths):

@@ -881,16 +881,31 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
         assert (gans, joins) == (([2, 2], [0, 4]) if "--converge-tol" in flags else ([1, 2], [0, 10]))
 
 
-def test_gam_source_checkpoint_is_reused_only_when_trained_the_same_way(data_env, tmp_path, capsys):
-    ckpt = tmp_path / "ckpt" / "f_s.pt"
-    flags = ["--task", "mnist-usps", "--source-ckpt", ckpt, "--source-steps", "60", "--batch-size", "16", "--mode",
-             "source-only", "--no-download", "--out", tmp_path / "runs"]
-    a, _, out_a = run_main(gam, flags, capsys)  # a missing file is trained and saved
-    assert ckpt.exists() and a["source_steps"] == 60
-    b, _, out_b = run_main(gam, flags, capsys)  # an existing one is loaded (stage 1 skipped)
-    assert "loaded from" in out_b and b["source_steps"] == 0 and a["no_adaptation"] == b["no_adaptation"]
+TWO_STAGE = {"gam": ["--source-steps", "60", "--steps", "6", "--disc-pretrain", "2", "--batch-size", "16"],
+             "calibrator": ["--source-epochs", "4", "--steps", "6", "--batch-size", "16", "--width", "2",
+                            "--blocks", "1"]}
+
+
+@pytest.mark.parametrize("script", list(TWO_STAGE))
+def test_a_cached_stage_1_is_reused_only_when_trained_the_same_way_and_changes_nothing(script, data_env, tmp_path,
+                                                                                      capsys):
+    module, ckpt = SCRIPTS[script], tmp_path / "ckpt" / "f_s.pt"
+    flags = ["--task", "mnist-usps", "--source-ckpt", ckpt, *TWO_STAGE[script], "--log-every", "3", "--eval-every",
+             "3", "--no-download", "--out", tmp_path / "runs"]
+    a, run_a, _ = run_main(module, flags, capsys)  # a missing file is trained and saved
+    assert ckpt.exists() and a["source_steps"] > 0
+    b, run_b, out_b = run_main(module, flags, capsys)  # an existing one is loaded (stage 1 skipped)
+    assert "loaded from" in out_b and b["source_steps"] == 0
+    # stage 2 draws the same batches and initial weights either way: same curve, same final networks, bit for bit
+    curve_a, curve_b = ([(r["step"], r["target_test_acc_curve"]) for r in metrics(r_) if "target_test_acc_curve" in r]
+                        for r_ in (run_a, run_b))
+    assert a["target_acc"] == b["target_acc"] and curve_a == curve_b and curve_a
+    model_a, model_b = (torch.load(r / "model.pt", weights_only=True) for r in (run_a, run_b))
+    for part in model_a:
+        if part != "args":
+            assert all(torch.equal(model_a[part][k], model_b[part][k]) for k in model_a[part]), part
     with pytest.raises(common.UsageError, match="trained differently"):  # other stage-1 flags: refused
-        gam.main(gam.parse_args([str(f) for f in flags] + ["--seed", "1"]))
+        module.main(module.parse_args([str(f) for f in flags] + ["--seed", "1"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
