@@ -8,7 +8,8 @@ F^s's (the weight-drift regulariser).
 Implemented:
   * Stage 1, source training: Adam lr 1e-3, batch 128, 10k steps (official code). `--source-ckpt PATH` caches it:
     loaded if PATH exists (and was trained with the same source data, seed and stage-1 flags), else trained and
-    saved there, so every variant of one seed adapts the same F^s.
+    saved there, so every variant of one seed adapts the same F^s. Loaded or trained in the run, the numbers that
+    follow are the same: stage 1 draws from copies of the random streams and leaves stage 2's untouched.
   * Gaussian i.i.d. matching (Sec. 4.1, eq. 2): for every conv/fc layer from the input upward, each output channel k
     of F^t is scaled and shifted (alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into the layer's
     weight and bias) so that its target activations have the source activations' mean and std; each layer's target
@@ -59,13 +60,16 @@ Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA
 test split), default `converged` schedule (the second GAN joined at iteration 2,000 on U->M, 2,000-2,500 on M->U):
 U->M 95.39 +- 4.69 (98.06 / 98.14 / 89.98), M->U 94.57 +- 0.05.
   * U->M: two seeds pass the paper's 98.0. Seed 2 stays on a plateau near 90 under either one-at-a-time schedule
-    (equal-shares: 89.67), from the same F^s and Gaussian-matched start from which this file's code of an earlier
-    version reached 97.63: where the GAN stage settles is decided in its first steps, and small numerical
-    differences change it. A hint without labels, not a rule: in the 10,000-step runs, the discriminator loss over
-    the last 4,000 iterations is 1.34-1.36 for the two that stall and 1.39-1.43 for the seven that reach 96-98
-    (chance for the two weighted discriminators: 1.52), but the 20,000-step run ends at 96.48 with 1.36. On the same code and seeds, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 /
-    93.97): joining the second GAN once the first has converged, not half-way, is worth 1.2-1.5 points on U->M where
-    the run does not stall, and 0.3-0.5 on every M->U seed.
+    (equal-shares: 89.67). That is a matter of stage 2's random draws (discriminator initialisation, batch order),
+    not of F^s: earlier runs that trained F^s in the same process, when stage 1 still advanced the random streams
+    stage 2 draws from, reached 97.69 / 97.69 / 97.63 with equal-shares from the same F^s files and Gaussian-matched
+    starts. Where the GAN stage settles is decided in its first 1,000 steps (seed 2 at step 1,000: 84.45 here, 89.05
+    in those runs). A hint without labels, not a rule: in the 10,000-step runs, the discriminator loss over the last
+    4,000 iterations is 1.34-1.36 for the two that stall and 1.39-1.43 for the seven that reach 96-98 (chance for
+    the two weighted discriminators: 1.52), but the 20,000-step run ends at 96.48 with 1.36. On the same seeds and
+    draws, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 / 93.97): joining the second GAN once the
+    first has converged, not half-way, is worth 1.2-1.5 points on U->M where the run does not stall, and 0.3-0.5 on
+    every M->U seed.
   * M->U levels off at 94-95 under every schedule, 1.1 under the paper. The gap is the evaluation split: on the USPS
     *train* split (the official protocol) the same final models score 96.02 / 96.59 / 96.61 (96.41 +- 0.33), above
     the paper's 95.7; USPS's test split is about 2 points harder for every model here, F^s included.
