@@ -681,6 +681,25 @@ def test_a_stopped_run_resumes_to_the_same_final_model(script, data_env, tmp_pat
         m.parse_args(["--resume", str(run)])
 
 
+@pytest.mark.parametrize("script", list(RESUME_RUNS))
+def test_evaluation_logging_and_grids_never_move_training(script, data_env, tmp_path, capsys):
+    """The curve, the log lines and the PNG grids read the networks and draw nothing from training's random streams:
+    a run that evaluates, logs and draws every 3 steps ends with the same networks, bit for bit, as one that never
+    does until the end."""
+    m, flags = SCRIPTS[script], [f for f in RESUME_RUNS[script] if f != "--grid-images"]
+    if script == "calibrator":
+        flags.remove("0")  # its grid back on (the value of --grid-images)
+    busy = ["--eval-every", "3", "--log-every", "3"] + (["--grid-every", "3"] if script == "pixelda" else [])
+    quiet = ["--eval-every", "0", "--log-every", "100"] + (["--grid-every", "0"] if script == "pixelda" else [])
+    _, run_a, _ = run_main(m, [*flags, *busy, "--no-download", "--out", tmp_path / "a"], capsys)
+    _, run_b, _ = run_main(m, [*flags, *quiet, "--no-download", "--out", tmp_path / "b"], capsys)
+    assert sum("target_test_acc_curve" in r for r in metrics(run_a)) > sum("target_test_acc_curve" in r for r in metrics(run_b))
+    a, b = torch.load(run_a / "model.pt", weights_only=True), torch.load(run_b / "model.pt", weights_only=True)
+    tensors = {(key, k): v for key, part in a.items() if isinstance(part, dict) and key != "args"
+               for k, v in part.items() if isinstance(v, torch.Tensor)}
+    assert tensors and all(torch.equal(v, b[key][k]) for (key, k), v in tensors.items())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dann.py runs
 # ----------------------------------------------------------------------------------------------------------------
