@@ -71,8 +71,8 @@ import torch.nn.functional as F
 
 from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
                     backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint,
-                    load_source, load_task, main_guard, make_run_dir, maybe_compile, parse, save_checkpoint,
-                    save_source, setup_torch, to_float, train_source, write_args, write_predictions)
+                    load_source, load_task, main_guard, make_run_dir, maybe_compile, parse, predict_target,
+                    save_checkpoint, save_source, setup_torch, to_float, train_source, write_args)
 
 # Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
 TASK_DEFAULTS = {
@@ -385,7 +385,7 @@ def main(args):
         drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
                    "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
     meter.write(step=args.steps, **final)
-    write_predictions(run_dir, nn.Sequential(g_c, f_s), tgt, **ev)
+    shares = predict_target(run_dir, nn.Sequential(g_c, f_s), src, tgt, **ev)  # label-free: each class's share
     if args.grid_images:
         k = args.grid_images
         target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
@@ -399,7 +399,7 @@ def main(args):
         "epochs": round(args.steps / steps_per_epoch, 2), "source_steps": 0 if loaded else source_steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
         "source_model_alone": {k: round(v, 3) for k, v in alone.items()},
-        "source_model_alone_after_bn_drift": drifted,
+        "source_model_alone_after_bn_drift": drifted, "class_shares": shares,
         "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()}}, meter, t_start, device,
         final, (src, tgt))
 

@@ -56,8 +56,8 @@ import torch.nn.functional as F
 
 from common import (BACKBONES, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
                     backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint,
-                    load_task, main_guard, make_run_dir, maybe_compile, parse, predict, save_checkpoint, setup_torch,
-                    to_float, write_args, write_predictions)
+                    load_task, main_guard, make_run_dir, maybe_compile, parse, predict, predict_target, save_checkpoint,
+                    setup_torch, to_float, write_args)
 
 # per-task paper defaults (see the docstring): backbone, domain-classifier hidden sizes, learning-rate schedule
 TASK_DEFAULTS = {
@@ -258,7 +258,7 @@ def main(args):
     # ---- final evaluation of the final model (no checkpoint selection) ------------------------------------------
     final = evaluate(final=True)
     meter.write(step=args.steps, **final)
-    write_predictions(run_dir, model, tgt, **ev)
+    shares = predict_target(run_dir, model, src, tgt, **ev)  # label-free: each class's share
     if not args.no_save_model:
         atomic_torch_save({"backbone": args.backbone, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
                            "args": vars(args)}, run_dir / "model.pt")
@@ -266,7 +266,8 @@ def main(args):
         "method": "dann", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "backbone": args.backbone, "pretrained": args.pretrained, "target_acc": round(final["target_test_acc"], 3),
         "source_acc": round(final["source_test_acc"], 3), "source_val_err": round(final["source_val_err"], 3),
-        "domain_err": round(final["domain_err"], 3) if adapt else None}, meter, t_start, device, final, (src, tgt))
+        "domain_err": round(final["domain_err"], 3) if adapt else None, "class_shares": shares}, meter, t_start, device,
+        final, (src, tgt))
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ import torch.nn.functional as F
 
 from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, build_backbone,
                     check_args, count_params, evaluate_domains, finish, load_checkpoint, load_source, load_task,
-                    main_guard, make_run_dir, maybe_compile, parse, save_checkpoint, save_source, setup_torch, to_float,
-                    train_source, write_args, write_predictions)
+                    main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, save_source,
+                    setup_torch, to_float, train_source, write_args)
 
 RECIPES = {
     "official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
@@ -371,14 +371,14 @@ def main(args):
     if meter is None:
         meter = Meter(run_dir, 0, 1)
     meter.write(step=steps, **final)
-    write_predictions(run_dir, f_t, tgt, **ev)
+    shares = predict_target(run_dir, f_t, src, tgt, **ev)  # label-free: each class's share
     if not args.no_save_model:
         atomic_torch_save({"model": f_t.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "gam", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": steps,
         "source_steps": 0 if loaded else args.source_steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
-        "target_train_acc": round(train_acc, 3),
+        "target_train_acc": round(train_acc, 3), "class_shares": shares,
         "gan_joins": sched["joins"] if sched and args.gan_schedule != "joint" else None,  # iterations the GANs joined
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},

@@ -68,8 +68,8 @@ import torch.nn.functional as F
 
 from common import (IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast, check_args,
                     count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard, make_run_dir,
-                    maybe_compile, parse, random_affine, save_checkpoint, setup_torch, to_float, write_args,
-                    write_predictions)
+                    maybe_compile, parse, predict_target, random_affine, save_checkpoint, setup_torch, to_float,
+                    write_args)
 
 LAMBDAS = ("c", "z", "tr", "id_x", "id_y", "cyc", "trc")
 
@@ -331,7 +331,7 @@ def main(args):
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
     final = evaluate(final=True)
     meter.write(step=args.steps, **final)
-    write_predictions(run_dir, model, tgt, **ev)
+    shares = predict_target(run_dir, model, src, tgt, **ev)  # label-free: each class's share
     target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
     save_grid(nets, to_float(src.test_x[:8]), to_float(target_images[:8]), run_dir / "translations.png")
     if not args.no_save_model:
@@ -339,7 +339,7 @@ def main(args):
     finish(run_dir, {
         "method": "i2i_adapt", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
-        "lambdas": lam, "networks": sizes}, meter, t_start, device, final, (src, tgt))
+        "lambdas": lam, "networks": sizes, "class_shares": shares}, meter, t_start, device, final, (src, tgt))
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ import torch.nn.functional as F
 
 from common import (IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast, build_backbone,
                     check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard,
-                    make_run_dir, maybe_compile, parse, save_checkpoint, setup_torch, to_float, write_args,
-                    write_predictions)
+                    make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, setup_torch, to_float,
+                    write_args)
 
 # The loss weights of the official MNIST->MNIST-M run (the release's README); others are named in the variant.
 OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "content_weight": 0.0113173311334,
@@ -321,7 +321,7 @@ def main(args):
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
     final = evaluate_domains(t_net, src, tgt, final=True, **ev)
     meter.write(step=args.steps, **final)
-    write_predictions(run_dir, t_net, tgt, **ev)
+    shares = predict_target(run_dir, t_net, src, tgt, **ev)  # label-free: each class's share
     if not args.source_only:
         save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png", generator=grid_g)
     if not args.no_save_model:
@@ -331,8 +331,8 @@ def main(args):
                            "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "pixelda", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
-        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3)}, meter,
-        t_start, device, final, (src, tgt))
+        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
+        "class_shares": shares}, meter, t_start, device, final, (src, tgt))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from PIL import Image
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -160,7 +161,7 @@ def run_script(args, env, cwd, timeout=600):
 
 SCRIPTS = {"dann": dann, "gam": gam, "calibrator": calibrator, "i2i_adapt": i2i_adapt, "pixelda": pixelda}
 SUMMARY_KEYS = {"method", "task", "seed", "steps", "target_acc", "source_acc", "seconds", "device", "versions",
-                "train_steps_per_sec", "run_dir"}
+                "train_steps_per_sec", "run_dir", "class_shares"}
 
 
 @pytest.fixture()
@@ -285,6 +286,28 @@ def test_accuracy_on_a_hand_made_case_uses_eval_mode():
     m = Fixed().train()
     assert common.accuracy(m, x, y, batch_size=3) == pytest.approx(87.5)
     assert m.training  # mode restored
+
+
+def test_predict_target_names_a_class_whose_target_images_went_to_another(tmp_path, capsys):
+    """The label-free check: a model that reads target 7s as 9s gives 7 almost no predictions; the share is measured
+    against the source labels' share, so a class that is merely rarer in the target (0 here) is not named."""
+    ys = torch.arange(10).repeat_interleave(torch.tensor([20, 10, 10, 10, 10, 10, 10, 10, 10, 10]))  # 0 twice as common
+    src = common.Domain("s", (torch.zeros(len(ys), 1, 1, 1, dtype=torch.uint8), ys), (ys[:0, None, None, None], ys[:0]),
+                        "cpu", [str(c) for c in range(10)])
+    yt = torch.arange(10).repeat_interleave(10)  # balanced: 0 gets half its source share, still above a third
+    tgt = common.Domain("t", (yt.to(torch.uint8)[:, None, None, None], yt), (yt[:0, None, None, None], yt[:0]), "cpu",
+                        src.classes)
+
+    class ReadsSevenAsNine(nn.Module):  # the image holds its class as its one pixel value (to_float: [-1, 1])
+        def forward(self, x):
+            c = ((x.flatten(1)[:, 0] + 1) / 2 * 255).round().long()
+            return F.one_hot(torch.where(c == 7, 9, c), 10).float()
+
+    shares = common.predict_target(tmp_path, ReadsSevenAsNine(), src, tgt)
+    assert shares["target_pred_share"] == [10.0] * 7 + [0.0, 10.0, 20.0] and shares["emptied_classes"] == ["7"]
+    assert shares["source_label_share"][0] == round(100 * 20 / 110, 2)
+    assert "class 7 gets 0.0 % of the target predictions" in capsys.readouterr().out
+    assert not (tmp_path / "predictions.csv").exists()  # a digit task: no file names, no csv
 
 
 def test_random_affine_identity_and_shift():
@@ -879,6 +902,8 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
     if variant == "source-only":
         assert summary["target_acc"] == summary["no_adaptation"]["target_acc"]
     args = json.loads((run / "args.json").read_text())  # the recipe's values, resolved
+    shares = summary["class_shares"]  # the label-free check: shares of the target training images, in percent
+    assert len(shares["target_pred_share"]) == 10 and abs(sum(shares["source_label_share"]) - 100) < 0.1
     if variant == "gam":  # target_train_acc: the final F^t on the target *training* images (the official split)
         f_t = common.lenet()
         f_t.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
