@@ -153,7 +153,7 @@ def fill(flags, task, seed):
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
               "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins",
-              "class_shares")
+              "gan_restarts", "class_shares")
 
 
 def read_curve(run_dir):

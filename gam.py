@@ -133,12 +133,17 @@ def parse_args(argv=None):
                    help="converged: the discriminator loss is averaged over windows of this many iterations")
     g.add_argument("--converge-tol", type=float, default=0.05,
                    help="converged: flattened = a window's mean within this fraction of the window before")
+    g.add_argument("--restart-emptied", type=int, default=0,
+                   help="not in the paper (0: off): when the first GAN has converged and the label-free class check "
+                        "names a class (predicted under a third as often on the target training images as it is "
+                        "labelled in the source), train the first GAN again from the Gaussian-matched start with fresh "
+                        "discriminators, up to this many times; converged schedule only")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
     args = parse(p, argv)
     check_args(args, positive=("lr", "source_lr", "converge_tol"),
                at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
-               non_negative=("drift", "disc_pretrain"))
+               non_negative=("drift", "disc_pretrain", "restart_emptied"))
     # derived defaults, resolved here so that args.json records the values used
     for k, v in RECIPES[args.recipe].items():
         if getattr(args, k) is None:
@@ -157,6 +162,9 @@ def parse_args(argv=None):
         raise UsageError(f"--gan-layers must name LeNet layers: {', '.join(known)}")
     if args.task == "folder" and (args.source_subset != "full" or args.target_subset != "full"):
         raise UsageError("--source-subset and --target-subset halve digit classes: they work with the digit tasks only")
+    if args.restart_emptied and (args.gan_schedule != "converged" or len(args.layers) < 2):
+        raise UsageError("--restart-emptied restarts the first GAN when it has converged: it needs --gan-schedule "
+                         "converged and two or more --gan-layers")
     if args.mode == "gaussian" and args.no_gaussian_init:
         raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
     args.gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
@@ -169,6 +177,7 @@ def parse_args(argv=None):
         named = [f"{k} {w:g}" for k, w in zip(args.layers, args.weights)] if (args.layers, args.weights) != PAPER_GANS \
             else []  # not the paper's matched layers / weights
         named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
+        named += [f"up to {args.restart_emptied} restarts on an emptied class"] if args.restart_emptied else []
         args.variant += f" ({', '.join(named)})" if named else ""
     return args
 
@@ -324,6 +333,7 @@ def main(args):
         discs = nn.ModuleDict({layer: discriminator(dims[layer]) for layer in args.layers}).to(device)
         opt_d = make_optimizer(discs.parameters(), args.optimizer, args.lr)
         opt_t = make_optimizer(f_t.parameters(), args.optimizer, args.lr)
+        start = copy.deepcopy([f_t.state_dict(), opt_d.state_dict(), opt_t.state_dict()])  # for --restart-emptied
         acts_t = maybe_compile(f_t.activations, args.compile)
         s_sampler = IndexSampler(len(src_x), args.batch_size, device, g)
         t_sampler = IndexSampler(len(tgt_x), args.batch_size, device, g)
@@ -331,10 +341,21 @@ def main(args):
         def evaluate():  # a curve only: never used for selection
             return evaluate_domains(f_t, src, tgt, **ev)
 
+        def restart(step):  # --restart-emptied: F^t back to its start, fresh discriminators and optimisers, which
+            f_t.load_state_dict(start[0])  # are pre-trained again before F^t moves
+            for layer in discs.modules():
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+            opt_d.load_state_dict(start[1])
+            opt_t.load_state_dict(start[2])
+            since = step + args.disc_pretrain
+            sched.update(since=since, sum=0.0, prev=-1.0, restarts=sched["restarts"] + [step], joins=[since])
+            print(f"restart {len(sched['restarts'])} of the first GAN at iteration {step}", flush=True)
+
         total = args.disc_pretrain + args.steps
         meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
         # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined
-        sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0])
+        sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], restarts=[])
         state = dict(f_t=f_t, discs=discs, opt_d=opt_d, opt_t=opt_t, s_sampler=s_sampler, t_sampler=t_sampler, g=g,
                      meter=meter, sched=sched)
         for it in range(load_checkpoint(args, run_dir, state), total):
@@ -343,19 +364,23 @@ def main(args):
             share = 1 + step * len(args.layers) // args.steps  # equal shares of the iterations (converged: the latest)
             if step >= 0 and args.gan_schedule != "joint" and share > sched["active"]:
                 sched.update(active=share, since=step, sum=0.0, prev=-1.0, joins=sched["joins"] + [step])
-            n_active = len(args.layers) if args.gan_schedule == "joint" or step < 0 else sched["active"]
+            n_active = len(args.layers) if args.gan_schedule == "joint" or step < sched["joins"][0] else sched["active"]
             active = dict(zip(args.layers[:n_active], args.weights[:n_active]))  # {layer: GAN loss weight}
             with torch.no_grad():
                 a_s = f_s.activations(to_float(src_x[s_sampler.next()], args.input_range))  # source net, source data
             a_t = acts_t(to_float(tgt_x[t_sampler.next()], args.input_range))  # target net, target data
             loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
             loss_gan = loss_drift = torch.zeros((), device=device)
-            if step >= 0:  # after the discriminators' pre-training
+            if step >= sched["joins"][0]:  # after the discriminators' pre-training (again after a restart)
                 loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
                 if (args.gan_schedule == "converged" and n_active < len(args.layers)
                         and flattened(sched, step, loss_d, args.converge_window, args.converge_tol)):
-                    sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
-                                 joins=sched["joins"] + [step + 1])  # the next GAN joins
+                    if (n_active == 1 and len(sched["restarts"]) < args.restart_emptied
+                            and predict_target(run_dir, f_t, src, tgt, **ev)["emptied_classes"]):
+                        restart(step + 1)  # the first GAN sent a class's target images to another class
+                    else:
+                        sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
+                                     joins=sched["joins"] + [step + 1])  # the next GAN joins
 
             # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
             meter.add(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
@@ -380,6 +405,7 @@ def main(args):
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
         "target_train_acc": round(train_acc, 3), "class_shares": shares,
         "gan_joins": sched["joins"] if sched and args.gan_schedule != "joint" else None,  # iterations the GANs joined
+        "gan_restarts": sched["restarts"] if sched and args.restart_emptied else None,  # --restart-emptied's
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},
         meter if args.mode == "gam" else None, t_start, device, final, (src, tgt))
