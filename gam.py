@@ -177,7 +177,7 @@ def parse_args(argv=None):
         named = [f"{k} {w:g}" for k, w in zip(args.layers, args.weights)] if (args.layers, args.weights) != PAPER_GANS \
             else []  # not the paper's matched layers / weights
         named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
-        named += [f"up to {args.restart_emptied} restarts on an emptied class"] if args.restart_emptied else []
+        named += [f"restart on an emptied class, at most {args.restart_emptied}"] if args.restart_emptied else []
         args.variant += f" ({', '.join(named)})" if named else ""
     return args
 

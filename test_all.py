@@ -572,6 +572,9 @@ BAD_FLAGS = [
     ("gam", ["--gan-layers", "fc9", "--gan-weights", "1"], "LeNet layers"),
     ("gam", ["--mode", "gaussian", "--no-gaussian-init"], "--no-gaussian-init"),
     ("gam", ["--converge-window", "0"], "--converge-window"), ("gam", ["--converge-tol", "0"], "--converge-tol"),
+    ("gam", ["--restart-emptied", "-1"], "--restart-emptied"),
+    ("gam", ["--restart-emptied", "1", "--gan-schedule", "joint"], "--restart-emptied"),
+    ("gam", ["--restart-emptied", "1", "--gan-layers", "fc4", "--gan-weights", "1"], "--restart-emptied"),
     ("calibrator", ["--linf", "0"], "--linf"), ("calibrator", ["--patch", "40"], "--patch"),
     ("calibrator", ["--betas", "0.5"], "--betas"), ("calibrator", ["--calib-dropout", "1"], "--calib-dropout"),
     ("i2i_adapt", ["--lambda-c", "0", "--lambda-trc", "0"], "untrained"), ("i2i_adapt", ["--lambda-z", "-1"], ">= 0"),
@@ -893,7 +896,9 @@ GAM_SHORT = ["--task", "mnist-usps", "--source-steps", "60", "--steps", "20", "-
                                              "--drift", "0"], "adda"),
                                            (["--recipe", "paper", "--gan-schedule", "joint"], "gam (joint GANs)"),
                                            (["--gan-schedule", "equal-shares"], "gam (equal-shares GANs)"),
-                                           (["--converge-window", "2", "--converge-tol", "100"], "gam")])
+                                           (["--converge-window", "2", "--converge-tol", "100"], "gam"),
+                                           (["--converge-window", "2", "--converge-tol", "100", "--restart-emptied",
+                                             "1"], "gam (restart on an emptied class, at most 1)")])
 def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
     summary, run, _ = run_main(gam, [*GAM_SHORT, "--out", tmp_path, *flags], capsys)
     assert summary["variant"] == variant and summary["no_adaptation"]["source_acc"] >= 80  # stage 1 learned
@@ -921,8 +926,23 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
         assert gans == [1, 1] and joins == [0]
     elif "joint" in variant:
         assert gans == [2, 2] and joins is None
+    elif "restart" in variant:  # the fixture's F^t empties a class: the first GAN restarts when it has converged
+        # (iteration 4), its discriminators are pre-trained again (5 iterations), and the cap adds the second at 10
+        assert (gans, joins, summary["gan_restarts"]) == ([1, 2], [9, 10], [4])
     else:
         assert (gans, joins) == (([2, 2], [0, 4]) if "--converge-tol" in flags else ([1, 2], [0, 10]))
+        assert summary["gan_restarts"] is None
+
+
+def test_gam_restart_emptied_changes_nothing_when_no_class_is_emptied(data_env, tmp_path, capsys, monkeypatch):
+    flags = [*GAM_SHORT, "--converge-window", "2", "--converge-tol", "100"]
+    plain, run_a, _ = run_main(gam, [*flags, "--out", tmp_path / "a"], capsys)
+    real = common.predict_target
+    monkeypatch.setattr(gam, "predict_target", lambda *a, **k: dict(real(*a, **k), emptied_classes=[]))
+    checked, run_b, _ = run_main(gam, [*flags, "--restart-emptied", "2", "--out", tmp_path / "b"], capsys)
+    assert checked["gan_restarts"] == [] and checked["gan_joins"] == plain["gan_joins"] == [0, 4]
+    a, b = (torch.load(r / "model.pt", weights_only=True)["model"] for r in (run_a, run_b))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the check only reads F^t (and leaves it in eval mode)
 
 
 TWO_STAGE = {"gam": ["--source-steps", "60", "--steps", "6", "--disc-pretrain", "2", "--batch-size", "16"],
