@@ -30,6 +30,14 @@ Implemented:
     `--gan-schedule equal-shares` adds each GAN after an equal share instead (5,000 of the official 10,000 for two
     GANs, long after the loss has flattened; the earlier default); `--gan-schedule joint` trains all GANs from the
     start, as the released code does.
+  * `--restart-emptied N` (not in the paper; off by default): the GAN stage can send all the target images of one
+    class to another class and stay there (U->M: two of six runs read most MNIST 7s as 9s, see below). With N > 0,
+    when the first GAN has converged, a label-free check decides whether the second GAN joins or the first is
+    trained again from the Gaussian-matched start, with fresh discriminators pre-trained again, at most N times. The
+    check (common.predict_target, also in every summary.json as `class_shares`) names a class that is predicted on
+    under a third as many target training images as its share of the source labels; it reads no target label but
+    assumes no class is far rarer in the target than in the source. A run in which no class empties is the same,
+    bit for bit, as one without the flag.
   * ADDA is the special case `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0`; with `--drift 1`
     it is Table 1's "ADDA + our regularization"; `--drift 0` alone is "GAM (no regularization)".
   * Label-distribution mismatch (Table 2): `--source-subset` / `--target-subset {full,odd,even}` remove half of
@@ -341,52 +349,58 @@ def main(args):
         def evaluate():  # a curve only: never used for selection
             return evaluate_domains(f_t, src, tgt, **ev)
 
-        def restart(step):  # --restart-emptied: F^t back to its start, fresh discriminators and optimisers, which
-            f_t.load_state_dict(start[0])  # are pre-trained again before F^t moves
-            for layer in discs.modules():
+        def restart(it):  # --restart-emptied: the whole GAN stage again from iteration `it` on, with its full length:
+            f_t.load_state_dict(start[0])  # F^t from its Gaussian-matched start, fresh discriminators (pre-trained
+            for layer in discs.modules():  # again) and optimisers
                 if isinstance(layer, nn.Linear):
                     layer.reset_parameters()
             opt_d.load_state_dict(start[1])
             opt_t.load_state_dict(start[2])
-            since = step + args.disc_pretrain
-            sched.update(since=since, sum=0.0, prev=-1.0, restarts=sched["restarts"] + [step], joins=[since])
-            print(f"restart {len(sched['restarts'])} of the first GAN at iteration {step}", flush=True)
+            sched.update(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], offset=it,
+                         restarts=sched["restarts"] + [it - args.disc_pretrain])
+            meter.total = args.steps + it
+            print(f"restart {len(sched['restarts'])} of the GAN stage after {it - args.disc_pretrain} iterations",
+                  flush=True)
 
         total = args.disc_pretrain + args.steps
         meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
-        # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined
-        sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], restarts=[])
+        # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined;
+        # --restart-emptied: the iterations the GAN stage restarted after, and the iteration the kept attempt began at
+        sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], restarts=[], offset=0)
         state = dict(f_t=f_t, discs=discs, opt_d=opt_d, opt_t=opt_t, s_sampler=s_sampler, t_sampler=t_sampler, g=g,
                      meter=meter, sched=sched)
-        for it in range(load_checkpoint(args, run_dir, state), total):
+        it = load_checkpoint(args, run_dir, state)
+        meter.total = args.steps + sched["offset"]
+        while it < total + sched["offset"]:
             # ALGO LOGIC
-            step = it - args.disc_pretrain  # < 0 while the discriminators are pre-trained
+            step = it - args.disc_pretrain - sched["offset"]  # < 0 while the discriminators are pre-trained
             share = 1 + step * len(args.layers) // args.steps  # equal shares of the iterations (converged: the latest)
             if step >= 0 and args.gan_schedule != "joint" and share > sched["active"]:
                 sched.update(active=share, since=step, sum=0.0, prev=-1.0, joins=sched["joins"] + [step])
-            n_active = len(args.layers) if args.gan_schedule == "joint" or step < sched["joins"][0] else sched["active"]
+            n_active = len(args.layers) if args.gan_schedule == "joint" or step < 0 else sched["active"]
             active = dict(zip(args.layers[:n_active], args.weights[:n_active]))  # {layer: GAN loss weight}
             with torch.no_grad():
                 a_s = f_s.activations(to_float(src_x[s_sampler.next()], args.input_range))  # source net, source data
             a_t = acts_t(to_float(tgt_x[t_sampler.next()], args.input_range))  # target net, target data
             loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
             loss_gan = loss_drift = torch.zeros((), device=device)
-            if step >= sched["joins"][0]:  # after the discriminators' pre-training (again after a restart)
+            if step >= 0:  # after the discriminators' pre-training
                 loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
                 if (args.gan_schedule == "converged" and n_active < len(args.layers)
                         and flattened(sched, step, loss_d, args.converge_window, args.converge_tol)):
                     if (n_active == 1 and len(sched["restarts"]) < args.restart_emptied
                             and predict_target(run_dir, f_t, src, tgt, **ev)["emptied_classes"]):
-                        restart(step + 1)  # the first GAN sent a class's target images to another class
+                        restart(it + 1)  # the first GAN sent a class's target images to another class
                     else:
                         sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
                                      joins=sched["joins"] + [step + 1])  # the next GAN joins
 
             # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
             meter.add(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
-            if step + 1 > 0:
-                meter.step(step + 1, evaluate, gans=n_active)
-            save_checkpoint(run_dir, it + 1, args.ckpt_every, total, state)
+            it += 1
+            if it > args.disc_pretrain:  # adaptation iterations so far (restarted attempts included)
+                meter.step(it - args.disc_pretrain, evaluate, gans=n_active)
+            save_checkpoint(run_dir, it, args.ckpt_every, total + sched["offset"], state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
     final = evaluate_domains(f_t, src, tgt, final=True, **ev)
