@@ -726,6 +726,31 @@ def test_evaluation_logging_and_grids_never_move_training(script, data_env, tmp_
     assert tensors and all(torch.equal(v, b[key][k]) for (key, k), v in tensors.items())
 
 
+def test_gam_resumes_across_a_restart_of_the_gan_stage(data_env, tmp_path, capsys, monkeypatch):
+    """A run stopped after --restart-emptied restarted the GAN stage (after 4 iterations, at iteration 8 with the 4
+    pre-training ones) resumes into the restarted attempt and ends with the same F^t as the run never stopped."""
+    flags = RESUME_RUNS["gam"] + ["--restart-emptied", "1", "--log-every", "4", "--no-download"]
+    whole, whole_run, _ = run_main(gam, [*flags, "--out", tmp_path / "a"], capsys)
+    assert whole["gan_restarts"] == [4]
+    real_save = gam.save_checkpoint
+
+    def save_then_stop(run_dir, step, every, total, state):
+        real_save(run_dir, step, every, total, state)
+        if step == 12:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gam, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        gam.main(gam.parse_args([str(f) for f in flags] + ["--ckpt-every", "12", "--out", str(tmp_path / "b")]))
+    monkeypatch.setattr(gam, "save_checkpoint", real_save)
+    (stopped,) = (tmp_path / "b").iterdir()
+    resumed, run, _ = run_main(gam, ["--resume", stopped], capsys)
+    assert (resumed["gan_restarts"], resumed["gan_joins"]) == (whole["gan_restarts"], whole["gan_joins"])
+    a, b = (torch.load(r / "model.pt", weights_only=True)["model"] for r in (whole_run, run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(run) if "gans" in r] == [r["step"] for r in metrics(whole_run) if "gans" in r]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dann.py runs
 # ----------------------------------------------------------------------------------------------------------------
