@@ -32,8 +32,9 @@ Implemented:
     start, as the released code does.
   * `--restart-emptied N` (not in the paper; off by default): the GAN stage can send all the target images of one
     class to another class and stay there (U->M: two of six runs read most MNIST 7s as 9s, see below). With N > 0,
-    when the first GAN has converged, a label-free check decides whether the second GAN joins or the first is
-    trained again from the Gaussian-matched start, with fresh discriminators pre-trained again, at most N times. The
+    when the first GAN has converged, a label-free check decides whether the second GAN joins or the whole GAN stage
+    starts again at full length (F^t from its Gaussian-matched start, fresh discriminators pre-trained again, new
+    batches), at most N times; the iterations of a dropped attempt are extra (`gan_restarts` in summary.json). The
     check (common.predict_target, also in every summary.json as `class_shares`) names a class that is predicted on
     under a third as many target training images as its share of the source labels; it reads no target label but
     assumes no class is far rarer in the target than in the source. A run in which no class empties is the same,
@@ -144,8 +145,8 @@ def parse_args(argv=None):
     g.add_argument("--restart-emptied", type=int, default=0,
                    help="not in the paper (0: off): when the first GAN has converged and the label-free class check "
                         "names a class (predicted under a third as often on the target training images as it is "
-                        "labelled in the source), train the first GAN again from the Gaussian-matched start with fresh "
-                        "discriminators, up to this many times; converged schedule only")
+                        "labelled in the source), start the GAN stage again at full length (F^t from its Gaussian-"
+                        "matched start, fresh discriminators), up to this many times; converged schedule only")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
     args = parse(p, argv)
