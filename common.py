@@ -1012,11 +1012,10 @@ def predict_target(run_dir, model, src, tgt, batch_size=4096, amp=False, input_r
     k = len(src.classes)
     pred_share = (torch.bincount(pred, minlength=k).double() / max(1, len(pred)) * 100).tolist()
     source_share = (torch.bincount(src.train_y, minlength=k).double() / max(1, len(src.train_y)) * 100).tolist()
-    emptied = [c for c, p, s in zip(src.classes, pred_share, source_share) if p < s / 3]
-    for c, p, s in zip(src.classes, pred_share, source_share):
-        if c in emptied:
-            print(f"check: class {c} gets {p:.1f} % of the target predictions against {s:.1f} % of the source labels "
-                  f"(its target images may have been mapped onto another class)", flush=True)
+    emptied = [(c, p, s) for c, p, s in zip(src.classes, pred_share, source_share) if p < s / 3]
+    for c, p, s in emptied:
+        print(f"check: class {c} gets {p:.1f} % of the target predictions against {s:.1f} % of the source labels "
+              f"(its target images may have been mapped onto another class)", flush=True)
     if tgt.files:
         import csv
 
@@ -1026,7 +1025,7 @@ def predict_target(run_dir, model, src, tgt, batch_size=4096, amp=False, input_r
             for name, c, p in zip(tgt.files, pred.tolist(), conf.tolist()):
                 w.writerow([name, tgt.classes[c], f"{p:.4f}"])
     return {"target_pred_share": [round(v, 2) for v in pred_share],
-            "source_label_share": [round(v, 2) for v in source_share], "emptied_classes": emptied}
+            "source_label_share": [round(v, 2) for v in source_share], "emptied_classes": [c for c, _, _ in emptied]}
 
 
 # ---- 4c. run folder, atomic writes, the training-loop meter ------------------------------------------------------
@@ -1240,8 +1239,8 @@ def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, i
     """Stage 1: Adam on cross entropy over labelled source images (uint8, on the device), batches drawn by index.
 
     It draws from copies of the random streams (`generator`'s and torch's global one, which dropout uses) and leaves
-    the caller's as it found them: stage 2 then draws the same numbers whether this run trained the network or loaded it from
-    --source-ckpt, so a cached stage 1 never changes a seed's result."""
+    the caller's as it found them: stage 2 then draws the same numbers whether this run trained the network or
+    loaded it from --source-ckpt, so a cached stage 1 never changes a seed's result."""
     device = x.device
     own = torch.Generator(device=generator.device)
     own.set_state(generator.get_state())

@@ -174,8 +174,8 @@ def parse_args(argv=None):
     if args.task == "folder" and (args.source_subset != "full" or args.target_subset != "full"):
         raise UsageError("--source-subset and --target-subset halve digit classes: they work with the digit tasks only")
     if args.restart_emptied and (args.gan_schedule != "converged" or len(args.layers) < 2):
-        raise UsageError("--restart-emptied restarts the first GAN when it has converged: it needs --gan-schedule "
-                         "converged and two or more --gan-layers")
+        raise UsageError("--restart-emptied checks the classes when the first GAN has converged: it needs "
+                         "--gan-schedule converged and two or more --gan-layers")
     if args.mode == "gaussian" and args.no_gaussian_init:
         raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
     args.gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
