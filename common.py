@@ -850,7 +850,11 @@ RESUME_MAY_CHANGE = ("device", "threads", "data_dir", "cache_dir", "no_download"
 def parse(p, argv=None):
     """Parse the flags; with --resume, the stopped run's own flags (its args.json) replace them, except the few that
     describe the machine rather than the run (RESUME_MAY_CHANGE)."""
-    args = p.parse_args(argv)
+    argv, joined = list(sys.argv[1:] if argv is None else argv), []
+    while argv:  # argparse would take the value "-1,1" for a flag: join it to its option
+        a = argv.pop(0)
+        joined.append(f"{a}={argv.pop(0)}" if a == "--input-range" and argv and argv[0] in INPUT_RANGES else a)
+    args = p.parse_args(joined)
     if args.resume:
         run_dir = Path(args.resume)
         if (run_dir / "summary.json").exists():

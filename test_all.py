@@ -357,6 +357,16 @@ def _groups(text):
     return {t: {k: " ".join(v.split("(default:")[0].split()) for k, v in g.items()} for t, g in groups.items()}
 
 
+def test_input_range_takes_minus_one_as_a_value():
+    """`--input-range -1,1` as typed: argparse alone would read -1,1 as an unknown flag."""
+    for m in (dann, gam):
+        assert m.parse_args(["--input-range", "-1,1"]).input_range == "-1,1"
+        assert m.parse_args(["--input-range=-1,1"]).input_range == "-1,1"
+        assert m.parse_args(["--input-range", "0,1", "--seed", "3"]).seed == 3
+    with pytest.raises(SystemExit):
+        gam.parse_args(["--input-range", "-2,2"])
+
+
 def test_shared_flags_are_the_same_in_every_script(capsys):
     """The run and data flags come from one definition (common.add_shared_args): same names, same help text in every
     script. Only the per-script defaults (task, schedule, logging) and the help of --steps (what a step is) may differ,
