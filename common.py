@@ -1096,7 +1096,7 @@ class Meter:
     `step` prints a progress line and appends a metrics.jsonl record every `log_every` steps, and every `eval_every`
     steps calls `evaluate()` (its time is not counted as training time) and records what it returns.
 
-        step 1200/20000 | loss_y 0.31 loss_d 0.69 | lam 0.52 | 41.2 steps/s | ETA 7m36s
+        step 1200/20000 | loss_y 0.3102 loss_d 0.6913 lam 0.2911 lr 0.007031 | 41.2 steps/s | ETA 7m36s
     """
 
     def __init__(self, run_dir, total, log_every, eval_every=0, prefix=""):
