@@ -285,7 +285,7 @@ def curve_table(rows, points=12):
     out = []
     for r in rows:
         curves = [c for c in r.get("extra", {}).get("curve") or [] if c]
-        if not curves or any([p[0] for p in c] != [p[0] for p in curves[0]] for c in curves):
+        if not curves or len(curves[0]) < 2 or any([p[0] for p in c] != [p[0] for p in curves[0]] for c in curves):
             continue
         steps = [p[0] for p in curves[0]]
         keep = sorted({round(i * (len(steps) - 1) / (points - 1)) for i in range(points)}) if len(steps) > points \

@@ -1599,6 +1599,8 @@ def test_benchmark_reads_and_renders_the_accuracy_curve(tmp_path):
     long = [[[i, float(i)] for i in range(100)]]
     line = benchmark.curve_table([dict(row, extra={"curve": long})], points=5)[-1]
     assert line.endswith("0: 0.0 · 25: 25.0 · 50: 50.0 · 74: 74.0 · 99: 99.0 |")
+    closed_form = dict(row, extra={"curve": [[[0, 76.3]], [[0, 71.7]]]})  # one point: no training, no curve
+    assert len(benchmark.curve_table([closed_form, row])) == len(benchmark.curve_table([row]))
 
 # ----------------------------------------------------------------------------------------------------------------
 # real data (UDA_DATA_DIR, when it holds MNIST and USPS)
