@@ -189,6 +189,7 @@ def parse_args(argv=None):
             else []  # not the paper's matched layers / weights
         named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
         named += [f"restart on an emptied class, at most {args.restart_emptied}"] if args.restart_emptied else []
+        named += [f"{args.recipe} recipe"] if args.recipe != "official" else []
         args.variant += f" ({', '.join(named)})" if named else ""
     return args
 

@@ -929,7 +929,7 @@ GAM_SHORT = ["--task", "mnist-usps", "--source-steps", "60", "--steps", "20", "-
                                            (["--mode", "source-only"], "source-only"),
                                            (["--gan-layers", "fc4", "--gan-weights", "1", "--no-gaussian-init",
                                              "--drift", "0"], "adda"),
-                                           (["--recipe", "paper", "--gan-schedule", "joint"], "gam (joint GANs)"),
+                                           (["--recipe", "paper", "--gan-schedule", "joint"], "gam (joint GANs, paper recipe)"),
                                            (["--gan-schedule", "equal-shares"], "gam (equal-shares GANs)"),
                                            (["--converge-window", "2", "--converge-tol", "100"], "gam"),
                                            (["--converge-window", "2", "--converge-tol", "100", "--restart-emptied",
