@@ -81,10 +81,10 @@ U->M 95.34 +- 4.26 over 6 seeds (98.06 / 98.14 / 89.98 / 98.08 / 98.07 / 89.70),
     no class empties are unchanged (98.06 / 98.14 / 98.08): 96.56 +- 3.32 over seeds 0-3 and 5.
     The start does not foretell a stall: the Gaussian-matched F^t reads 114 (seed 2) and 270 (seed 5) of MNIST's
     1,028 test 7s as 9s, the four runs that end at 98 read 120-340. Neither the other order nor the paper's text
-    recipe avoids it: the logits' GAN first (`--gan-layers fc4,relu3 --gan-weights 1.0,0.1`) gives 80.12 / 94.46 / 97.95 / 89.82
-    (seeds 0 / 1 / 2 / 5; class 7 read as 4 in seed 0, as 9 in seeds 1 and 5), and `--recipe paper` (SGD) rises
-    slowly and ends at 85.74 / 84.40 after 20k iterations (seeds 2 / 5, class 7 emptied in both). Class 7 is the
-    one that goes in every stalled run.
+    recipe avoids it: the logits' GAN first (`--gan-layers fc4,relu3 --gan-weights 1.0,0.1`) gives 80.12 / 94.46
+    / 97.95 / 89.82 (seeds 0 / 1 / 2 / 5; class 7 read as 4 in seed 0, as 9 in seeds 1 and 5), and `--recipe
+    paper` (SGD) rises slowly and ends at 85.74 / 84.40 after 20k iterations (seeds 2 / 5, class 7 emptied in
+    both). Class 7 is the one that goes in every stalled run.
     On the same seeds and draws, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 / 93.97): joining
     the second GAN once the first has converged, not half-way, is worth 1.15-1.55 points on U->M where the run does
     not stall, and 0.35-0.55 on every M->U seed.
