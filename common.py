@@ -1230,7 +1230,9 @@ def load_source(net, ckpt, identity):
     if bad or set(got) != set(expected):
         raise DataError(f"--source-ckpt {ckpt} holds another network (e.g. '{(bad or sorted(set(got) ^ set(expected)))[0]}' "
                         f"differs from this run's {net.name}); delete it to retrain")
-    diff = {k: (saved["stage1"].get(k), v) for k, v in identity.items() if saved["stage1"].get(k) != v}
+    # both ways: a key only one side records (a non-default stage-1 flag) is a difference too
+    diff = {k: (saved["stage1"].get(k), identity.get(k)) for k in {**saved["stage1"], **identity}
+            if saved["stage1"].get(k) != identity.get(k)}
     if diff:
         raise UsageError(f"--source-ckpt {ckpt} was trained differently (saved vs this run: {diff}); "
                          "use another path or delete it")

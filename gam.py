@@ -59,7 +59,8 @@ also holds F^s's target accuracy ("no adaptation") and, with Gaussian initialisa
 Deviations, each a flag or stated here:
   * Inputs 28x28 gray in [0, 1] (`--input-range`), as the official code; SVHN is converted to gray and resized.
   * Our LeNet has dropout (ADDA/CyCADA PyTorch LeNet); it is active in stage 1 only: statistics, activations for
-    matching and evaluation use eval mode (the official TF LeNet has no dropout).
+    matching and evaluation use eval mode. The official TF LeNet has no dropout: `--no-source-dropout` trains F^s
+    without it (its own --source-ckpt files; a file trained with dropout is refused).
   * The drift reference is F^t's initialisation (F^s after Gaussian matching), so that the drift term does not pull
     the Gaussian-matched scales back; `--drift-ref source` uses F^s's weights as in eq. 1.
   * Adversarial pairing: the discriminators step first, then F^t, every iteration (the official code runs both
@@ -132,6 +133,8 @@ def parse_args(argv=None):
     g.add_argument("--source-steps", type=int, default=10000, help="source training steps (official: 10k)")
     g.add_argument("--source-lr", type=float, default=1e-3, help="Adam learning rate for F^s (official: 1e-3)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per domain, both stages")
+    g.add_argument("--no-source-dropout", action="store_true",
+                   help="train F^s without the LeNet's dropout, as the official TF LeNet (which has none)")
     g = p.add_argument_group("stage 2: activation matching (defaults: the paper's digit setting)")
     g.add_argument("--mode", default="gam", choices=["source-only", "gaussian", "gam"],
                    help="stop after stage 1, after Gaussian matching, or run the full GAN matching")
@@ -187,18 +190,20 @@ def parse_args(argv=None):
     if args.mode == "gaussian" and args.no_gaussian_init:
         raise UsageError("--mode gaussian is the Gaussian matching itself; drop --no-gaussian-init")
     args.gaussian_init = args.mode == "gaussian" or not args.no_gaussian_init
+    named = []  # what differs from the paper's setting, in the variant's name
     if args.mode != "gam":
         args.variant = args.mode
     elif args.layers == ["fc4"] and not args.gaussian_init:
         args.variant = "adda+drift" if args.drift > 0 else "adda"
     else:
         args.variant = ("gam" if args.drift > 0 else "gam-no-drift") + ("" if args.gaussian_init else "-no-gaussian-init")
-        named = [f"{k} {w:g}" for k, w in zip(args.layers, args.weights)] if (args.layers, args.weights) != PAPER_GANS \
+        named += [f"{k} {w:g}" for k, w in zip(args.layers, args.weights)] if (args.layers, args.weights) != PAPER_GANS \
             else []  # not the paper's matched layers / weights
         named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
         named += [f"restart on an emptied class, at most {args.restart_emptied}"] if args.restart_emptied else []
         named += [f"{args.recipe} recipe"] if args.recipe != "official" else []
-        args.variant += f" ({', '.join(named)})" if named else ""
+    named += ["F^s without dropout"] if args.no_source_dropout else []  # stage 1's, in every variant
+    args.variant += f" ({', '.join(named)})" if named else ""
     return args
 
 
@@ -309,12 +314,17 @@ def main(args):
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 28, 1, device)  # LeNet's input: 28x28 gray
     f_s = build_backbone("lenet", len(src.classes))
+    if args.no_source_dropout:  # the official TF LeNet has no dropout; ours keeps the layers, at rate 0
+        for m in f_s.modules():
+            if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+                m.p = 0.0
     src_x, src_y = subset(src.train_x, src.train_y, args.source_subset, g)
     tgt_x, _ = subset(tgt.train_x, tgt.train_y, args.target_subset, g)  # target labels: only to form the subset
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
     # stage 1's identity: a cached F^s is reused only by runs that would have trained the same one
     stage1 = dict(source=src.name, seed=args.seed, source_subset=args.source_subset, source_steps=args.source_steps,
-                  source_lr=args.source_lr, batch_size=args.batch_size, input_range=args.input_range)
+                  source_lr=args.source_lr, batch_size=args.batch_size, input_range=args.input_range,
+                  **({"dropout": False} if args.no_source_dropout else {}))  # (files from before the flag match)
     own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
     loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
     run_dir = make_run_dir(args, "gam")

@@ -982,6 +982,28 @@ def test_gam_restart_emptied_changes_nothing_when_no_class_is_emptied(data_env, 
     assert all(torch.equal(a[k], b[k]) for k in a)  # the check only reads F^t (and leaves it in eval mode)
 
 
+def test_gam_no_source_dropout_trains_f_s_without_dropout_in_its_own_cache_file(data_env, tmp_path, capsys, monkeypatch):
+    trained = []
+    real = gam.train_source
+    monkeypatch.setattr(gam, "train_source", lambda net, *a, **k: (trained.append(net), real(net, *a, **k)))
+    ckpt = tmp_path / "f_s.pt"
+    flags = [*GAM_SHORT, "--mode", "source-only", "--source-ckpt", ckpt, "--out", tmp_path / "runs"]
+    summary, run, _ = run_main(gam, [*flags, "--no-source-dropout"], capsys)
+    assert summary["variant"] == "source-only (F^s without dropout)" and summary["source_steps"] == 60
+    drops = [m for m in trained[0].modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))]
+    assert len(drops) == 2 and all(m.p == 0 for m in drops)
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(trained[0].train()(x), trained[0].eval()(x))  # training mode is deterministic: no dropout
+    assert torch.load(ckpt, weights_only=True)["stage1"]["dropout"] is False
+    with pytest.raises(common.UsageError, match="trained differently"):  # the default (with dropout) refuses it
+        gam.main(gam.parse_args([str(a) for a in flags]))
+    default, run_d, _ = run_main(gam, [*GAM_SHORT, "--mode", "source-only", "--out", tmp_path / "runs"], capsys)
+    a, b = (torch.load(r / "source.pt", weights_only=True)["model"] for r in (run, run_d))  # same seed, with dropout
+    assert default["variant"] == "source-only" and not torch.equal(a["classifier.fc4.weight"], b["classifier.fc4.weight"])
+    assert gam.parse_args(["--no-source-dropout", "--gan-schedule", "joint"]).variant == \
+        "gam (joint GANs, F^s without dropout)"
+
+
 TWO_STAGE = {"gam": ["--source-steps", "60", "--steps", "6", "--disc-pretrain", "2", "--batch-size", "16"],
              "calibrator": ["--source-epochs", "4", "--steps", "6", "--batch-size", "16", "--width", "2",
                             "--blocks", "1"]}
