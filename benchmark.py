@@ -245,6 +245,18 @@ def mean_std(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
+def shown(r):
+    """A row's variant as the tables show it: rows that differ only by a protocol flag the variant name does not
+    carry get it appended, so no two rows of a table read the same."""
+    toks = shlex.split(r.get("flags", ""))
+    label = r["variant"]
+    if "--source-epochs" in toks and r["method"] == "calibrator":
+        label += f" (stage 1: {toks[toks.index('--source-epochs') + 1]} epochs)"
+    if "--target-val" in toks:
+        label += " (target val)"
+    return label
+
+
 def schedule_flags(flags):
     """A row's flags without those that do not change the result (threads, logging, cache paths) and without the
     one the variant name already shows (--source-bn)."""
@@ -298,7 +310,7 @@ def curve_table(rows, points=12):
         keep = sorted({round(i * (len(steps) - 1) / (points - 1)) for i in range(points)}) if len(steps) > points \
             else range(len(steps))
         mean = [statistics.mean(c[i][1] for c in curves) for i in keep]
-        out.append(f"| {r['method']} | {r['task']} | {r['variant']} | {len(curves)} | "
+        out.append(f"| {r['method']} | {r['task']} | {shown(r)} | {len(curves)} | "
                    + " · ".join(f"{steps[i]}: {m:.1f}" for i, m in zip(keep, mean)) + " |")
     if not out:
         return []
@@ -309,7 +321,7 @@ def curve_table(rows, points=12):
 
 
 def render(store, path):
-    rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], r["variant"], r["steps"]))
+    rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], shown(r), r["steps"]))
     out = [
         "# Results",
         "",
@@ -324,7 +336,7 @@ def render(store, path):
         paper = PAPER.get((r["method"], r["task"], r["variant"]))
         note = (PAPER_NOTES.get((r["method"], r["task"], r["variant"])) or PAPER_NOTES.get((r["method"], r["task"]), "—")
                 if paper is None else f"{paper:.2f}")
-        out.append(f"| {r['method']} | {r['task']} | {r['variant']} | {r['steps']} | {len(r['seeds'])} | "
+        out.append(f"| {r['method']} | {r['task']} | {shown(r)} | {r['steps']} | {len(r['seeds'])} | "
                    f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {note} | "
                    f"{statistics.mean(r['seconds']) / 60:.1f} min | {r['device']} | `{r['command']}` |")
     out += ["", "Per-seed target accuracy:", ""]
@@ -332,7 +344,7 @@ def render(store, path):
         val = r.get("extra", {}).get("target_val_acc") or [None] * len(r["seeds"])  # --target-val: held-out target train
         per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
                         for s, a, v in zip(r["seeds"], r["target_acc"], val))
-        out.append(f"- {r['method']} {r['task']} {r['variant']} ({r['steps']} steps): {per}")
+        out.append(f"- {r['method']} {r['task']} {shown(r)} ({r['steps']} steps): {per}")
     out += tradeoff_table(rows) + curve_table(rows)
     out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
     out += [f"- {note}" for note in store.get("notes", [])] + ([""] if store.get("notes") else [])

@@ -1583,6 +1583,20 @@ def test_benchmark_rendering_keeps_paper_numbers():
     assert "75.00 ± 7.07" in md and "76.66" in md and "99.00 ± 0.00" in md
 
 
+def test_benchmark_labels_rows_that_differ_only_by_a_protocol_flag(tmp_path):
+    """Two rows of one variant, one with --target-val (or a calibrator stage-1 length), must not read the same in
+    RESULTS.md; the paper number still comes from the variant."""
+    base = {"method": "calibrator", "task": "usps-mnist", "variant": "calibrator", "steps": 5, "seeds": [0],
+            "target_acc": [70.0], "source_acc": [99.0], "seconds": [60], "device": "cpu", "command": "c"}
+    store = {"hardware": "x", "rows": {"a": dict(base, flags="--threads 1"),
+                                       "b": dict(base, flags="--source-epochs 30 --target-val 1000")}}
+    assert benchmark.shown(store["rows"]["a"]) == "calibrator"
+    assert benchmark.shown(store["rows"]["b"]) == "calibrator (stage 1: 30 epochs) (target val)"
+    benchmark.render(store, tmp_path / "R.md")
+    table = [line for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("| calibrator |")]
+    assert len(table) == 2 and len(set(t.split(" | ")[2] for t in table)) == 2 and all("97.10" in t for t in table)
+
+
 
 def test_benchmark_merges_seeds_and_renders_the_calibrator_tradeoff(tmp_path):
     def run(seed, acc):
