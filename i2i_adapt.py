@@ -55,9 +55,9 @@ feeds a target image to the encoder, whatever the normalisation.
 Paper numbers (Table 2, accuracy): full 98.5 / 97.4 / 89.6; best ablation (l_z + l_idY + l_trc) 98.8 / 97.6 / 90.1;
 source only with augmentation 91.1 / 67.0 / 71.5 for M->U / U->M / S->M. Measured numbers: RESULTS.md. Our source
 only is above the paper's on U->M (73.9 +- 4.8 at 1,000 steps; 74.1 +- 7.0 over 6 seeds at 3,000), by about one
-seed's spread (63.9 to 81.8 at 3,000 steps); the augmentation gives some 4 points of it (69.6 +- 4.1 at 1,000 steps
-without it, `--aug-translate 0 --aug-rotate 0`). The paper gives neither its augmentation's ranges nor a spread over
-seeds.
+seed's spread (63.9 to 81.8 at 3,000 steps; the paper's 67.0 lies inside the 95 % t-interval of that 6-seed
+mean, 66.7 to 81.5); the augmentation gives some 4 points of it (69.6 +- 4.1 at 1,000 steps without it,
+`--aug-translate 0 --aug-rotate 0`). The paper gives neither its augmentation's ranges nor a spread over seeds.
 """
 
 import argparse
