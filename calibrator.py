@@ -69,10 +69,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
-                    backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint,
-                    load_source, load_task, main_guard, make_run_dir, maybe_compile, parse, predict_target,
-                    save_checkpoint, save_source, setup_torch, to_float, train_source, write_args)
+from common import (GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save,
+                    autocast, backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish,
+                    load_checkpoint, load_source, load_task, main_guard, make_run_dir, maybe_compile, parse,
+                    predict_target, save_checkpoint, save_source, setup_torch, to_float, train_source, write_args)
 
 # Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
 TASK_DEFAULTS = {
@@ -208,7 +208,8 @@ def pixel_discriminator(patch, channels, hidden):
 def shuffled_patch(x, top, left, size, generator=None):
     """The P x P patch at (top, left) of every image, its pixels permuted independently per image and per channel
     (keeps each channel's pixel multiset, destroys spatial structure). Returns [N, C * P * P]."""
-    p = x[:, :, top:top + size, left:left + size].flatten(2)  # [N, C, P*P]
+    span = torch.arange(size, device=x.device)  # (indices, not a slice: under --cuda-graph top/left are device tensors)
+    p = x.index_select(2, span + top).index_select(3, span + left).flatten(2)  # [N, C, P*P]
     perm = torch.rand(p.shape, device=x.device, generator=generator).argsort(-1)
     return p.gather(-1, perm).flatten(1)
 
@@ -317,8 +318,9 @@ def main(args):
     feat_dim = len(src.classes) if args.feat_input == "softmax" else f_s.feature_dim
     d_feat = feature_discriminator(feat_dim).to(device)
     d_pix = pixel_discriminator(args.patch, 3, args.pixel_hidden).to(device)
-    opt_g = torch.optim.Adam(g_c.parameters(), lr=args.lr, betas=args.adam_betas)
-    opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), lr=args.lr, betas=args.adam_betas)
+    adam = dict(lr=args.lr, betas=args.adam_betas, capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
+    opt_g = torch.optim.Adam(g_c.parameters(), **adam)
+    opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), **adam)
 
     def feat(x):  # D_feat's input: F_s's softmax output (official) or M_s's features
         f = f_s.features(x)
@@ -346,17 +348,16 @@ def main(args):
                  t_sampler=t_sampler, g=g, rng=rng, meter=meter)  # f_s: its BatchNorm statistics drift in train mode
     g_c.train(), d_feat.train(), d_pix.train()
     f_s.train(args.source_bn == "train")
-    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
-        # ALGO LOGIC
-        xs, xt = to_float(src.train_x[s_sampler.next()]), to_float(tgt.train_x[t_sampler.next()])
+
+    def train_step(s_idx, t_idx, top, left):
+        """One update of the discriminators, then one of the calibrator; (top, left): this step's patch location."""
+        xs, xt = to_float(src.train_x[s_idx]), to_float(tgt.train_x[t_idx])
         n, x = len(xs), torch.cat([xs, xt])  # G1, G2
         with autocast(device, args.amp):
             cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
             with torch.no_grad():
                 f_real = feat_groups(x)
             f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
-            # one random patch location per step, the same for all four groups
-            top, left = rng.randrange(args.size + 1 - args.patch), rng.randrange(args.size + 1 - args.patch)
             p_real = shuffled_patch(x, top, left, args.patch, g)
             p_cal = shuffled_patch(cal, top, left, args.patch, g)
 
@@ -372,9 +373,18 @@ def main(args):
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        return dict(loss_d=loss_d, loss_g=loss_g, max_delta=(cal.detach() - x).abs().amax())
+
+    train_step = GraphedStep(train_step, args.cuda_graph, device, [g])  # --cuda-graph on: recorded once, then replayed
+    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
+        # ALGO LOGIC
+        s_idx, t_idx = s_sampler.next(), t_sampler.next()
+        # one random patch location per step, the same for all four groups
+        top, left = rng.randrange(args.size + 1 - args.patch), rng.randrange(args.size + 1 - args.patch)
+        stats = train_step(s_idx, t_idx, top, left)
 
         # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
-        meter.add(loss_d=loss_d, loss_g=loss_g, max_delta=(cal.detach() - x).abs().amax())
+        meter.add(**stats)
         meter.step(step, evaluate)
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 

@@ -812,6 +812,10 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast in training and evaluation (CUDA only)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks' forward passes")
+    g.add_argument("--cuda-graph", default="off", choices=GRAPH_MODES,
+                   help="on: record the training step once as a CUDA graph and replay it (CUDA only; these small "
+                        "networks are bound by kernel launches); check: the recorded path's checks on any device, "
+                        "without a graph (slow; for testing)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     g.add_argument("--out", default="runs", help="parent folder of the run folder")
     g.add_argument("--log-every", type=int, default=log_every, help="progress line + metrics.jsonl record every N steps")
@@ -941,18 +945,25 @@ def get_device(name="auto"):
 
 
 def setup_torch(args):
-    """Threads, seeding, device and the --amp check shared by every script. Returns the device."""
+    """Threads, seeding, device and the --amp / --cuda-graph checks shared by every script. Returns the device."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     if args.amp and device.type != "cuda":
         raise UsageError("--amp (bf16 autocast) is only supported on CUDA; drop --amp or use --device cuda")
+    if args.cuda_graph == "on" and device.type != "cuda":
+        raise UsageError("--cuda-graph on records CUDA graphs: it needs --device cuda (--cuda-graph check runs its "
+                         "checks on any device)")
+    if args.cuda_graph != "off" and args.compile:
+        raise UsageError("--cuda-graph and --compile are two ways to cut the launch overhead: use one of them")
     seed_everything(args.seed, args.deterministic)
     return device
 
 
 def autocast(device, enabled):
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    # (no cast cache: a recorded step must cast the weights it has just updated, and the cache saves little here)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False) \
+        if enabled and device.type == "cuda" else nullcontext()
 
 
 def maybe_compile(fn, enabled):
@@ -964,6 +975,135 @@ def maybe_compile(fn, enabled):
         fn.compile()
         return fn
     return torch.compile(fn)
+
+
+# ---- 4b'. --cuda-graph: a recorded training step, one launch instead of hundreds ----------------------------------
+
+GRAPH_MODES = ("off", "on", "check")
+# ops that make the host wait for the device, or whose output shape depends on the data: a graph cannot record them
+_GRAPH_UNSAFE = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+                 "aten::masked_select", "aten::_unique", "aten::unique", "aten::repeat_interleave")
+
+
+class GraphUnsafe(RuntimeError):
+    """A step does something a recorded CUDA graph would not repeat faithfully (raised by --cuda-graph check)."""
+
+
+class GraphedStep:
+    """One training step `fn(*inputs) -> dict of tensors`: run as written (--cuda-graph off), or recorded once as a CUDA
+    graph and replayed (on). The digit networks are so small that an eager step is bound by its hundreds of kernel
+    launches, not by the GPU; a replay is one launch. `check` runs the recorded path's bookkeeping on any device (the
+    same fixed buffers, no graph) and raises GraphUnsafe where a recording would go wrong; the tests run it on the CPU.
+
+    What a recorded step may do, and how the scripts keep to it:
+      * inputs: tensors (batch indices, images) are copied into fixed buffers and numbers (a schedule's value, a patch
+        position) put into 0-d device tensors before each call: a graph reads fixed addresses and bakes a Python
+        number in. A step whose structure changes now and then (GAM's number of GANs, PixelDA's staircase learning
+        rate) passes `key=`: a new key records a new graph;
+      * no host sync (`.item()`, `float(t)`, a data-dependent shape) and no Python branch on a changing value inside;
+      * random draws use the default generator or one passed in `generators` (registered with the graph);
+      * the optimisers step inside the graph: Adam(capturable=True), SGD fused with a tensor learning rate where the
+        rate changes; `zero_grad(set_to_none=True)` before each backward;
+      * the returned tensors are overwritten by the next replay (Meter.add copies them).
+    The first `warmup` calls of a key run eagerly on a side stream (optimiser state, cuDNN's choices), the next one
+    records the graph and replays it: every call is one real training step. `reset()` after the optimisers' state was
+    replaced (a loaded state dict holds new tensors that a recorded graph would not see)."""
+
+    def __init__(self, fn, mode, device, generators=(), warmup=3):
+        self.fn, self.mode, self.device, self.generators, self.warmup = fn, mode, device, tuple(generators), warmup
+        self.key, self.side = None, torch.cuda.Stream() if mode == "on" else None
+        self.reset()
+
+    def reset(self):
+        self.calls, self.graph, self.static, self.out, self.trace = 0, None, None, None, None
+
+    def __call__(self, *inputs, key=None):
+        if self.mode == "off":
+            return self.fn(*inputs)
+        if key != self.key or self.static is None:
+            self.reset()  # a new structure: warm up and record again (the old graph's memory is freed)
+            self.key = key
+            self.static = [x.clone() if torch.is_tensor(x) else torch.tensor(x, device=self.device) for x in inputs]
+        if len(inputs) != len(self.static):
+            raise GraphUnsafe(f"a recorded step takes {len(self.static)} inputs, got {len(inputs)}")
+        for buf, x in zip(self.static, inputs):
+            if torch.is_tensor(x) and x.shape != buf.shape:
+                raise GraphUnsafe(f"a recorded step's input changed shape ({tuple(buf.shape)} -> {tuple(x.shape)})")
+            buf.copy_(x) if torch.is_tensor(x) else buf.fill_(x)
+        self.calls += 1
+        if self.mode == "check":
+            return self._checked()
+        if self.calls <= self.warmup:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                out = self.fn(*self.static)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            for g in self.generators:
+                self.graph.register_generator_state(g)
+            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+                self.out = self.fn(*self.static)
+            print(f"--cuda-graph: {self.fn.__name__} recorded after {self.warmup} eager calls"
+                  + (f" (key {self.key})" if self.key is not None else ""), flush=True)
+        self.graph.replay()
+        return self.out
+
+    def _checked(self):
+        """fn under a dispatch mode that records each op with its non-tensor arguments and the addresses of the
+        tensors it reads that were not made inside the step. A sync raises at once; a record that differs from the
+        first call's means a Python value or a tensor made outside has changed, which a replay would not see. The
+        optimisers' own steps are not traced: torch documents capturable=True / fused=True as safe to record."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Trace(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops, self.made, self.paused = [], set(), 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if self.paused or func.namespace == "profiler":  # (the optimisers' record_function marks)
+                    return out
+                name = func._schema.name
+                indices = args[1] if name == "aten::index" and len(args) > 1 else ()
+                if name in _GRAPH_UNSAFE or any(t is not None and t.dtype == torch.bool for t in indices):
+                    raise GraphUnsafe(f"{func} in the step: a host sync or a data-dependent shape, which a CUDA graph "
+                                      "cannot record (keep .item(), float(t) and boolean masks out of the step)")
+                outside, values = [], []
+                for a in tree_leaves((args, kwargs)):
+                    if torch.is_tensor(a):
+                        if a.untyped_storage().data_ptr() not in self.made:
+                            outside.append(a.untyped_storage().data_ptr())
+                    else:  # (a generator is re-wrapped on each call: its device names it)
+                        values.append(f"generator on {a.device}" if isinstance(a, torch.Generator) else repr(a))
+                self.made.update(o.untyped_storage().data_ptr() for o in tree_leaves(out) if torch.is_tensor(o))
+                self.ops.append((str(func), tuple(outside), tuple(values)))
+                return out
+
+        trace = Trace()
+        pause = lambda *_: setattr(trace, "paused", trace.paused + 1)  # noqa: E731
+        resume = lambda *_: setattr(trace, "paused", trace.paused - 1)  # noqa: E731
+        hooks = (register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume))
+        try:
+            with trace:
+                out = self.fn(*self.static)
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.trace is None:
+            self.trace = trace.ops
+        elif trace.ops != self.trace:
+            i = next((i for i, (a, b) in enumerate(zip(trace.ops, self.trace)) if a != b),
+                     min(len(trace.ops), len(self.trace)))
+            now, then = (ops[i] if i < len(ops) else "(none)" for ops in (trace.ops, self.trace))
+            raise GraphUnsafe(f"the step's op {i} differs from the recorded one: {now} vs {then}. A Python value or a "
+                              "tensor made outside the step changed between steps; a replay would repeat the old one "
+                              "(pass it as an input, or as key= if it changes the step's structure)")
+        return out
 
 
 @torch.inference_mode()
@@ -1176,6 +1316,10 @@ def _set_state(obj, state):
         obj.setstate(state)
     else:
         obj.load_state_dict(state)
+        if isinstance(obj, torch.optim.Optimizer):  # a tensor learning rate (--cuda-graph on) was loaded on the CPU
+            for group in obj.param_groups:
+                if torch.is_tensor(group["lr"]) and group["params"]:
+                    group["lr"] = group["lr"].to(group["params"][0].device)
 
 
 def save_checkpoint(run_dir, step, every, total, state):

@@ -54,10 +54,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (BACKBONES, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, autocast,
-                    backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint,
-                    load_task, main_guard, make_run_dir, maybe_compile, parse, predict, predict_target, save_checkpoint,
-                    setup_torch, to_float, write_args)
+from common import (BACKBONES, GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_shared_args,
+                    atomic_torch_save, autocast, backbone_input, build_backbone, check_args, count_params,
+                    evaluate_domains, finish, load_checkpoint, load_task, main_guard, make_run_dir, maybe_compile,
+                    parse, predict, predict_target, save_checkpoint, setup_torch, to_float, write_args)
 
 # per-task paper defaults (see the docstring): backbone, domain-classifier hidden sizes, learning-rate schedule
 TASK_DEFAULTS = {
@@ -201,7 +201,9 @@ def main(args):
     model = model.to(device)
     disc = domain_classifier(model.feature_dim, args.hidden).to(device)
     params = list(model.parameters()) + (list(disc.parameters()) if adapt else [])
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    graph = args.cuda_graph == "on"  # a recorded step reads the annealed learning rate from a device tensor (fused SGD)
+    opt = torch.optim.SGD(params, lr=torch.tensor(args.lr, device=device) if graph else args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay, **({"fused": True} if graph else {}))
     features, classifier, disc_fn = (maybe_compile(m, args.compile) for m in (model.features, model.classifier, disc))
     domain_net = nn.Sequential(model.features, disc)  # G_d(G_f(x)), the same modules, for evaluation only
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
@@ -224,18 +226,13 @@ def main(args):
     target_domain = torch.ones(half, dtype=torch.long, device=device)  # G_d's label for unlabelled target images
     meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
     state = dict(model=model, disc=disc, opt=opt, labelled=labelled, unlabelled=unlabelled, g=g, meter=meter)
-    for step in range(load_checkpoint(args, run_dir, state), args.steps):
-        # ALGO LOGIC
-        p = step / args.steps
-        lam = args.lambda_max * adaptation_factor(p, args.gamma)
-        lr = learning_rate(p, args.lr, args.lr_alpha, args.lr_beta) if args.lr_schedule == "anneal" else args.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = labelled.next()
+
+    def train_step(idx, t_idx=None, lam=0.0):
+        """One SGD step on E (eq. 9): idx indexes the labelled pool, t_idx the unlabelled target images."""
         xs, ys = to_float(pool_x[idx], args.input_range), pool_y[idx]
         with autocast(device, args.amp):
             if adapt:
-                x = torch.cat([xs, to_float(tgt.train_x[unlabelled.next()], args.input_range)])
+                x = torch.cat([xs, to_float(tgt.train_x[t_idx], args.input_range)])
                 f = features(x)
                 loss_y = F.cross_entropy(classifier(f[:half]), ys)  # L_y on labelled images only
                 d_logits = disc_fn(GradReverse.apply(f, lam))  # G_d(R_lambda(G_f(x)))
@@ -249,6 +246,17 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return stats
+
+    train_step = GraphedStep(train_step, args.cuda_graph, device)  # --cuda-graph on: recorded once, then replayed
+    for step in range(load_checkpoint(args, run_dir, state), args.steps):
+        # ALGO LOGIC
+        p = step / args.steps
+        lam = args.lambda_max * adaptation_factor(p, args.gamma)
+        lr = learning_rate(p, args.lr, args.lr_alpha, args.lr_beta) if args.lr_schedule == "anneal" else args.lr
+        for group in opt.param_groups:  # (--cuda-graph on: the recorded step reads it from its device tensor)
+            group["lr"] = group["lr"].fill_(lr) if graph else lr
+        stats = train_step(labelled.next(), unlabelled.next(), lam) if adapt else train_step(labelled.next())
 
         # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints (host syncs only when logging)
         meter.add(**stats)

@@ -116,10 +116,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save, build_backbone,
-                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_source, load_task,
-                    main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, save_source,
-                    setup_torch, to_float, train_source, write_args)
+from common import (GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save,
+                    build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint, load_source,
+                    load_task, main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint,
+                    save_source, setup_torch, to_float, train_source, write_args)
 
 RECIPES = {
     "official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
@@ -310,9 +310,9 @@ def flattened(sched, step, loss_d, window, tol):
     return prev > 0 and abs(mean - prev) <= tol * prev
 
 
-def make_optimizer(params, kind, lr):
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+def make_optimizer(params, kind, lr, capturable=False):
+    if kind == "adam":  # (capturable: --cuda-graph on, the step is recorded with the optimiser's update inside)
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), capturable=capturable)
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
@@ -370,8 +370,8 @@ def main(args):
         with torch.no_grad():
             dims = {k: v[:1].flatten(1).shape[1] for k, v in f_t.activations(to_float(src_x[:1], args.input_range)).items()}
         discs = nn.ModuleDict({layer: discriminator(dims[layer]) for layer in args.layers}).to(device)
-        opt_d = make_optimizer(discs.parameters(), args.optimizer, args.lr)
-        opt_t = make_optimizer(f_t.parameters(), args.optimizer, args.lr)
+        opt_d = make_optimizer(discs.parameters(), args.optimizer, args.lr, args.cuda_graph == "on")
+        opt_t = make_optimizer(f_t.parameters(), args.optimizer, args.lr, args.cuda_graph == "on")
         start = copy.deepcopy([f_t.state_dict(), opt_d.state_dict(), opt_t.state_dict()])  # for --restart-emptied
         acts_t = maybe_compile(f_t.activations, args.compile)
         s_sampler = IndexSampler(len(src_x), args.batch_size, device, g)
@@ -387,12 +387,26 @@ def main(args):
                     layer.reset_parameters()
             opt_d.load_state_dict(start[1])
             opt_t.load_state_dict(start[2])
+            train_step.reset()  # the optimisers' state is new: a recorded step would update the old one
             sched.update(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], offset=it,
                          restarts=sched["restarts"] + [it - args.disc_pretrain])
             meter.total = args.steps + it
             print(f"restart {len(sched['restarts'])} of the GAN stage after {it - args.disc_pretrain} iterations",
                   flush=True)
 
+        def train_step(s_idx, t_idx):
+            """One update of the active discriminators, then (after their pre-training) one of F^t. Which GANs are
+            active and whether F^t trains are Python values of the loop: they are the recorded step's key."""
+            with torch.no_grad():
+                a_s = f_s.activations(to_float(src_x[s_idx], args.input_range))  # source net, source data
+            a_t = acts_t(to_float(tgt_x[t_idx], args.input_range))  # target net, target data
+            loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
+            loss_gan = loss_drift = torch.zeros((), device=device)
+            if step >= 0:  # after the discriminators' pre-training
+                loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
+            return dict(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
+
+        train_step = GraphedStep(train_step, args.cuda_graph, device)  # --cuda-graph on: recorded once per key
         total = args.disc_pretrain + args.steps
         meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
         # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined;
@@ -410,24 +424,18 @@ def main(args):
                 sched.update(active=share, since=step, sum=0.0, prev=-1.0, joins=sched["joins"] + [step])
             n_active = len(args.layers) if args.gan_schedule == "joint" or step < 0 else sched["active"]
             active = dict(zip(args.layers[:n_active], args.weights[:n_active]))  # {layer: GAN loss weight}
-            with torch.no_grad():
-                a_s = f_s.activations(to_float(src_x[s_sampler.next()], args.input_range))  # source net, source data
-            a_t = acts_t(to_float(tgt_x[t_sampler.next()], args.input_range))  # target net, target data
-            loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
-            loss_gan = loss_drift = torch.zeros((), device=device)
-            if step >= 0:  # after the discriminators' pre-training
-                loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
-                if (args.gan_schedule == "converged" and n_active < len(args.layers)
-                        and flattened(sched, step, loss_d, args.converge_window, args.converge_tol)):
-                    if (n_active == 1 and len(sched["restarts"]) < args.restart_emptied
-                            and predict_target(run_dir, f_t, src, tgt, **ev)["emptied_classes"]):
-                        restart(it + 1)  # the first GAN sent a class's target images to another class
-                    else:
-                        sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
-                                     joins=sched["joins"] + [step + 1])  # the next GAN joins
+            stats = train_step(s_sampler.next(), t_sampler.next(), key=(n_active, step >= 0))
+            if (step >= 0 and args.gan_schedule == "converged" and n_active < len(args.layers)
+                    and flattened(sched, step, stats["loss_d"], args.converge_window, args.converge_tol)):
+                if (n_active == 1 and len(sched["restarts"]) < args.restart_emptied
+                        and predict_target(run_dir, f_t, src, tgt, **ev)["emptied_classes"]):
+                    restart(it + 1)  # the first GAN sent a class's target images to another class
+                else:
+                    sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
+                                 joins=sched["joins"] + [step + 1])  # the next GAN joins
 
             # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
-            meter.add(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
+            meter.add(**stats)
             it += 1
             if it > args.disc_pretrain:  # adaptation iterations so far (restarted attempts included)
                 meter.step(it - args.disc_pretrain, evaluate, gans=n_active)

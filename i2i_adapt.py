@@ -67,10 +67,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast, check_args,
-                    count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard, make_run_dir,
-                    maybe_compile, parse, predict_target, random_affine, save_checkpoint, setup_torch, to_float,
-                    write_args)
+from common import (GraphedStep, IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast,
+                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard,
+                    make_run_dir, maybe_compile, parse, predict_target, random_affine, save_checkpoint, setup_torch,
+                    to_float, write_args)
 
 LAMBDAS = ("c", "z", "tr", "id_x", "id_y", "cyc", "trc")
 
@@ -277,9 +277,9 @@ def main(args):
     nets = build_networks(lam, len(src.classes), args.encoder_norm).to(device)
     critics = [k for k in ("d_z", "d_x", "d_y") if k in nets]
     gen_params = [p for k, m in nets.items() if k not in critics for p in m.parameters()]
-    opt_g = torch.optim.Adam(gen_params, lr=args.lr, betas=args.adam_betas)
-    opt_d = torch.optim.Adam([p for k in critics for p in nets[k].parameters()], lr=args.lr, betas=args.adam_betas) \
-        if critics else None
+    adam = dict(lr=args.lr, betas=args.adam_betas, capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
+    opt_g = torch.optim.Adam(gen_params, **adam)
+    opt_d = torch.optim.Adam([p for k in critics for p in nets[k].parameters()], **adam) if critics else None
     maybe_compile(nets["enc"], args.compile)
     model = nn.Sequential(nets["enc"], nets["cls"])  # h(f(.)): what is evaluated
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
@@ -305,24 +305,36 @@ def main(args):
     state = dict(nets=nets, opt_g=opt_g, **({"opt_d": opt_d} if opt_d else {}), s_sampler=s_sampler,
                  t_sampler=t_sampler, g=g, meter=meter)
     nets.train()
-    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
-        # ALGO LOGIC
-        for _ in range(args.critic_steps if critics else 0):  # critics first (alternating optimisation)
-            with autocast(device, args.amp):
-                loss_d = critic_loss(nets, augment(src.train_x[s_sampler.next()]),
-                                     augment(tgt.train_x[t_sampler.next()]), args.gp_weight, g)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-        idx = s_sampler.next()
-        # xt is drawn even for source only (where the encoder never sees it), so every variant shares one random stream
-        xs, ys, xt = augment(src.train_x[idx]), src.train_y[idx], augment(tgt.train_x[t_sampler.next()])
+
+    def critic_step(xs, xt):
+        """One update of the critics d_z, d_x, d_y (eqs. 3-4, WGAN-GP); the generator side is detached."""
+        with autocast(device, args.amp):
+            loss_d = critic_loss(nets, xs, xt, args.gp_weight, g)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        return loss_d
+
+    def generator_step(xs, ys, xt):
+        """One update of the encoder, decoders and classifier on eq. 7."""
         with autocast(device, args.amp):
             terms = generator_losses(nets, xs, ys, xt, lam)
             loss = sum(lam[k] * v for k, v in terms.items())  # eq. 7
         opt_g.zero_grad(set_to_none=True)
-        loss.backward()  # (gradients that reach the critics here are dropped by their next zero_grad)
+        loss.backward(inputs=gen_params)  # (the critics' gradients are not kept: their next step starts from zero)
         opt_g.step()
+        return terms
+
+    critic_step = GraphedStep(critic_step, args.cuda_graph, device, [g])  # --cuda-graph on: recorded once, replayed
+    generator_step = GraphedStep(generator_step, args.cuda_graph, device)
+    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
+        # ALGO LOGIC (the augmentation draws stay outside the recorded steps, in the order of the random stream)
+        for _ in range(args.critic_steps if critics else 0):  # critics first (alternating optimisation)
+            loss_d = critic_step(augment(src.train_x[s_sampler.next()]), augment(tgt.train_x[t_sampler.next()]))
+        idx = s_sampler.next()
+        # xt is drawn even for source only (where the encoder never sees it), so every variant shares one random stream
+        xs, ys, xt = augment(src.train_x[idx]), src.train_y[idx], augment(tgt.train_x[t_sampler.next()])
+        terms = generator_step(xs, ys, xt)
 
         # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
         meter.add(**{f"Q_{k}": v for k, v in terms.items()}, **({"Q_critic": loss_d} if critics else {}))

@@ -63,10 +63,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast, build_backbone,
-                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard,
-                    make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, setup_torch, to_float,
-                    write_args)
+from common import (GraphedStep, IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast,
+                    build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task,
+                    main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, setup_torch,
+                    to_float, write_args)
 
 # The loss weights of the official MNIST->MNIST-M run (the release's README); others are named in the variant.
 OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "content_weight": 0.0113173311334,
@@ -245,7 +245,7 @@ def main(args):
     if private is not None:
         private.apply(init_weights)
     t_params = list(t_net.parameters()) + (list(private.parameters()) if private is not None else [])
-    adam = dict(lr=args.lr, betas=(args.beta1, 0.999))
+    adam = dict(lr=args.lr, betas=(args.beta1, 0.999), capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
     opt_t = torch.optim.Adam(t_params, weight_decay=args.weight_decay, **adam)
     opt_d = torch.optim.Adam(d_net.parameters(), **adam)
     opt_g = torch.optim.Adam(g_net.parameters(), weight_decay=args.weight_decay, **adam)
@@ -270,9 +270,9 @@ def main(args):
                  **{f"opt{i}": o for i, o in enumerate(opts)}, **{f"sched{i}": s for i, s in enumerate(scheds)},
                  s_sampler=s_sampler, t_sampler=t_sampler, g=g, grid_g=grid_g, meter=meter)
     t_net.train(), g_net.train(), d_net.train()
-    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
-        # ALGO LOGIC
-        idx = s_sampler.next()
+
+    def train_step(idx, t_idx=None):
+        """One step of D and T, then one of G; idx, t_idx: the source and target images of this step."""
         xs, ys = to_float(src.train_x[idx]), src.train_y[idx]
         if args.source_only:
             with autocast(device, args.amp):
@@ -280,34 +280,40 @@ def main(args):
             opt_t.zero_grad(set_to_none=True)
             loss_t.backward()
             clip_and_step(opt_t, t_params, args.clip)
-            stats = dict(loss_t=loss_t)
-        else:
-            xt = to_float(tgt.train_x[t_sampler.next()])
-            z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
-            with autocast(device, args.amp):
-                fake = g_net(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
+            return dict(loss_t=loss_t)
+        xt = to_float(tgt.train_x[t_idx])
+        z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
+        with autocast(device, args.amp):
+            fake = g_net(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
 
-                # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
-                loss_d = args.domain_weight * discriminator_loss(d_net, xt, fake)
-                logits_fake = task_logits(t_net, fake.detach())
-                loss_t = F.cross_entropy(task_logits(t_net, xs, private), ys) + F.cross_entropy(logits_fake, ys)
-            opt_d.zero_grad(set_to_none=True)
-            opt_t.zero_grad(set_to_none=True)
-            (loss_d + loss_t).backward()
-            clip_and_step(opt_d, d_net.parameters(), args.clip)
-            clip_and_step(opt_t, t_params, args.clip)
+            # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
+            loss_d = args.domain_weight * discriminator_loss(d_net, xt, fake)
+            logits_fake = task_logits(t_net, fake.detach())
+            loss_t = F.cross_entropy(task_logits(t_net, xs, private), ys) + F.cross_entropy(logits_fake, ys)
+        opt_d.zero_grad(set_to_none=True)
+        opt_t.zero_grad(set_to_none=True)
+        (loss_d + loss_t).backward()
+        clip_and_step(opt_d, d_net.parameters(), args.clip)
+        clip_and_step(opt_t, t_params, args.clip)
 
-            # G step: fool D, keep the foreground's shape (masked PMSE), keep the class for T
-            with autocast(device, args.amp):
-                mask = (xs.mean(1, keepdim=True) > args.mask_threshold)
-                loss_g = args.domain_weight * generator_gan_loss(d_net, fake)
-                loss_c = masked_pmse(fake, xs, mask)
-                loss_gt = F.cross_entropy(task_logits(t_net, fake), ys)
-            opt_g.zero_grad(set_to_none=True)
-            (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward()
-            clip_and_step(opt_g, g_net.parameters(), args.clip)
-            stats = dict(loss_t=loss_t, loss_d=loss_d, loss_g=loss_g, pmse=loss_c,
-                         t_acc_on_fake=(logits_fake.argmax(1) == ys).float().mean())
+        # G step: fool D, keep the foreground's shape (masked PMSE), keep the class for T
+        with autocast(device, args.amp):
+            mask = (xs.mean(1, keepdim=True) > args.mask_threshold)
+            loss_g = args.domain_weight * generator_gan_loss(d_net, fake)
+            loss_c = masked_pmse(fake, xs, mask)
+            loss_gt = F.cross_entropy(task_logits(t_net, fake), ys)
+        opt_g.zero_grad(set_to_none=True)
+        (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward()
+        clip_and_step(opt_g, g_net.parameters(), args.clip)
+        return dict(loss_t=loss_t, loss_d=loss_d, loss_g=loss_g, pmse=loss_c,
+                    t_acc_on_fake=(logits_fake.argmax(1) == ys).float().mean())
+
+    train_step = GraphedStep(train_step, args.cuda_graph, device, [g])  # --cuda-graph on: recorded once, then replayed
+    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
+        # ALGO LOGIC
+        lr = opts[0].param_groups[0]["lr"]  # (a recorded step holds its learning rate: the staircase records anew)
+        stats = train_step(s_sampler.next(), key=lr) if args.source_only else \
+            train_step(s_sampler.next(), t_sampler.next(), key=lr)
         for s in scheds:
             s.step()
 

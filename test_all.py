@@ -395,6 +395,79 @@ def test_a_compiled_module_keeps_its_state_dict_keys():
     assert common.maybe_compile(m, False) is m
 
 
+def _graph_check(fn, *calls, key=lambda i: None):
+    """Run fn through GraphedStep in check mode, once per entry of calls (a tuple of inputs each)."""
+    step = common.GraphedStep(fn, "check", torch.device("cpu"))
+    return [step(*inputs, key=key(i)) for i, inputs in enumerate(calls)]
+
+
+def test_graph_check_passes_a_step_that_takes_its_changing_values_as_inputs():
+    w = torch.ones(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+
+    def step(x, lam):  # a schedule's value as an input: a 0-d tensor in the recorded path
+        loss = (w * x).sum() * lam
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()  # (its internals are not traced)
+        return {"loss": loss.detach()}
+
+    outs = _graph_check(step, *[(torch.full((3,), float(i)), 0.5 * i) for i in range(1, 5)])
+    # 1 * 3 * 0.5, then w = 1 - 0.1 * 0.5 = 0.95 and 0.95 * 2 * 3 * 1.0
+    assert [o["loss"].item() for o in outs][:2] == pytest.approx([1.5, 5.7])
+    # eager, the same steps: the same numbers (the recorded path's plumbing changes nothing)
+    w2 = torch.ones(3, requires_grad=True)
+    opt2 = torch.optim.SGD([w2], lr=0.1, momentum=0.9)
+    for i in range(1, 5):
+        loss = (w2 * torch.full((3,), float(i))).sum() * (0.5 * i)
+        opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        opt2.step()
+    assert torch.equal(w.detach(), w2.detach())
+
+
+def test_graph_check_catches_what_a_recorded_graph_would_get_wrong():
+    w = torch.ones(3, requires_grad=True)
+    state = {"lam": 1.0}
+
+    def python_value(x):  # a changing Python number read inside: a graph would keep the first one
+        return {"y": (w * x * state["lam"]).sum()}
+
+    def bump(i):
+        state["lam"] = 1.0 + i
+        return None
+
+    with pytest.raises(common.GraphUnsafe, match="differs from the recorded one"):
+        _graph_check(python_value, *[(torch.ones(3),)] * 3, key=bump)
+    with pytest.raises(common.GraphUnsafe, match="host sync"):  # .item() inside
+        _graph_check(lambda x: {"y": x * x.sum().item()}, (torch.ones(3),))
+    with pytest.raises(common.GraphUnsafe, match="data-dependent"):  # a boolean mask: the shape depends on the data
+        _graph_check(lambda x: {"y": x[x > 0].sum()}, (torch.ones(3),))
+    outside = {}
+
+    def made_outside(x):  # a tensor made anew outside each step: a graph would read the first one's memory
+        return {"y": (x * outside["t"]).sum()}
+
+    def fresh(i):
+        outside["t"] = torch.full((3,), float(i))
+        return None
+
+    with pytest.raises(common.GraphUnsafe, match="made outside"):
+        _graph_check(made_outside, *[(torch.ones(3),)] * 3, key=fresh)
+    with pytest.raises(common.GraphUnsafe, match="changed shape"):
+        _graph_check(lambda x: {"y": x.sum()}, (torch.ones(3),), (torch.ones(4),))
+    # a Python value that is the step's key records anew: no error
+    _graph_check(python_value, *[(torch.ones(3),)] * 3, key=lambda i: bump(i) or state["lam"])
+
+
+def test_cuda_graph_flag_checks(tmp_path):
+    with pytest.raises(common.UsageError, match="needs --device cuda"):
+        dann.main(dann.parse_args(["--cuda-graph", "on", "--device", "cpu", "--out", str(tmp_path)]))
+    with pytest.raises(common.UsageError, match="use one of them"):
+        dann.main(dann.parse_args(["--cuda-graph", "check", "--compile", "--device", "cpu", "--out", str(tmp_path)]))
+    assert not any(tmp_path.iterdir())
+
+
 def test_meter_logs_means_rates_and_curves(tmp_path, capsys):
     meter = common.Meter(tmp_path, total=4, log_every=2, eval_every=2)
     calls = []
@@ -679,6 +752,52 @@ RESUME_RUNS = {  # short runs, stopped after the checkpoint at step 6 (gam: iter
     "pixelda": ["--task", "mnist-usps", "--steps", "12", "--batch-size", "4", "--res-blocks", "1", "--grid-every", "4",
                 "--lr-decay-steps", "5", "--eval-every", "4"],
 }
+
+
+@pytest.mark.parametrize("script", list(RESUME_RUNS))
+def test_cuda_graph_check_trains_the_same_model_as_the_eager_loop(script, data_env, tmp_path, capsys):
+    """--cuda-graph check runs every script's recorded-step path (fixed input buffers, numbers as 0-d tensors, the
+    steps' keys: GAM's second GAN joins, PixelDA's learning rate steps down) on the CPU, raising where a recorded
+    graph would go wrong, and ends with the same model, bit for bit, as the eager loop."""
+    m = SCRIPTS[script]
+    flags = RESUME_RUNS[script] + ["--log-every", "4", "--no-download", "--eval-every", "0"]
+    eager, eager_run, _ = run_main(m, [*flags, "--out", tmp_path / "a"], capsys)
+    checked, checked_run, _ = run_main(m, [*flags, "--cuda-graph", "check", "--out", tmp_path / "b"], capsys)
+    assert (checked["target_acc"], checked["source_acc"]) == (eager["target_acc"], eager["source_acc"])
+    if script == "gam":
+        assert checked["gan_joins"] == eager["gan_joins"] == [0, 4]
+    a, b = (torch.load(run / "model.pt", weights_only=True) for run in (eager_run, checked_run))
+    tensors = lambda d: {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}  # noqa: E731
+    compared = 0
+    for key, value in a.items():
+        if isinstance(value, dict) and key != "args":
+            assert tensors(value).keys() == tensors(b[key]).keys()
+            assert all(torch.equal(v, b[key][k]) for k, v in tensors(value).items()), key
+            compared += len(tensors(value))
+    assert compared > 0
+    losses = lambda run: [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in metrics(run)]  # noqa: E731
+    assert losses(checked_run) == losses(eager_run)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine: -k cuda_graph)")
+@pytest.mark.parametrize("script", list(RESUME_RUNS))
+def test_cuda_graph_on_trains_like_the_eager_loop_on_a_gpu(script, data_env, tmp_path, capsys):
+    """On a GPU, --cuda-graph on records the step(s) after 3 eager calls and replays them; the logged losses follow the
+    eager loop's (the optimisers' capturable / fused kernels round differently, so not bit for bit)."""
+    m = SCRIPTS[script]
+    flags = RESUME_RUNS[script] + ["--log-every", "4", "--no-download", "--eval-every", "0", "--device", "cuda"]
+    _, eager_run, _ = run_main(m, [*flags, "--out", tmp_path / "a"], capsys)
+    _, graph_run, out = run_main(m, [*flags, "--cuda-graph", "on", "--out", tmp_path / "b"], capsys)
+    assert "--cuda-graph: " in out and "recorded after 3 eager calls" in out
+    eager, graph = metrics(eager_run), metrics(graph_run)
+    assert [r["step"] for r in graph] == [r["step"] for r in eager]
+    compared = 0
+    for a, b in zip(eager, graph):
+        for k, v in a.items():
+            if k not in ("step", "steps_per_sec", "lr", "lam", "gans") and isinstance(v, float) and "acc" not in k:
+                assert b[k] == pytest.approx(v, rel=1e-2, abs=1e-4), (a["step"], k)
+                compared += 1
+    assert compared > 0
 
 
 @pytest.mark.parametrize("script", list(RESUME_RUNS))
