@@ -3,6 +3,7 @@
     python benchmark.py --methods dann --tasks mnist-usps usps-mnist mnist-mnistm --seeds 0 1 2 --jobs 2
     python benchmark.py --methods dann --tasks mnist-mnistm --seeds 0 1 2 --jobs 2 -- --lambda-max 0
     python benchmark.py --overhead --tasks mnist-mnistm --overhead-steps 300     # loop overhead vs bare networks
+    python benchmark.py --speed --device cuda --methods dann gam calibrator i2i_adapt pixelda --tasks mnist-usps
 
 Everything after `--` is passed to every run; `{task}` and `{seed}` in it are replaced by the run's task and seed
 (e.g. gam.py's per-seed stage-1 cache: `-- --source-ckpt ckpt/gam_{task}_{seed}.pt`). Each (method, task, extra flags) is one row; re-running the same
@@ -112,6 +113,10 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true", help="print the runs that would be started, start none")
     p.add_argument("--overhead", action="store_true", help="measure training-loop overhead instead (dann only)")
     p.add_argument("--overhead-steps", type=int, default=300, help="steps for --overhead")
+    p.add_argument("--speed", action="store_true", help="time each of --methods alone on the first of --tasks "
+                   "instead: training steps/s, eager and (on CUDA) with --amp, --compile (its compile time included), "
+                   "--cuda-graph on, and --cuda-graph on --amp; recorded with the device")
+    p.add_argument("--speed-steps", type=int, default=500, help="training steps per --speed run")
     args = p.parse_args(argv)
     args.extra = extra
     return args
@@ -137,6 +142,36 @@ PLANS = {"paper": [
     ("pixelda", ["mnist-usps"], PIXELDA_USPS),  # MNIST->USPS: weights chosen on --target-val (pixelda's docstring)
     ("pixelda", ["mnist-mnistm", "mnist-usps"], ["--source-only"]),
 ]}
+
+
+# --speed: a short stage 1 where a script has one (only the training loop is timed: its own train_steps_per_sec, which
+# leaves out evaluation), and no discriminator-only iterations for GAM, whose timer counts adaptation steps only
+SPEED_FLAGS = {"gam": ["--source-steps", "100", "--disc-pretrain", "0"], "calibrator": ["--source-epochs", "0.2"]}
+SPEED_MODES = {"cpu": [[]],
+               "cuda": [[], ["--amp"], ["--compile"], ["--cuda-graph", "on"], ["--cuda-graph", "on", "--amp"]]}
+
+
+def speed(methods, task, steps, device, out):
+    """Training steps/s of each script alone, under each of the device's SPEED_MODES; {key: record}."""
+    import torch
+
+    kind = "cuda" if device == "cuda" or (device in (None, "auto") and torch.cuda.is_available()) else "cpu"
+    name = torch.cuda.get_device_name(0) if kind == "cuda" else hardware().split(",")[0]
+    threads = 1 if kind == "cuda" else max(1, os.cpu_count() or 1)
+    records = {}
+    for m in methods:
+        for mode in SPEED_MODES[kind]:
+            flags = SPEED_FLAGS.get(m, []) + ["--steps", str(steps), "--eval-every", "0", "--log-every", str(steps),
+                                              "--ckpt-every", "0", "--no-save-model", "--device", kind] + mode
+            r = run_one(m, task, 0, flags, threads, out)
+            if r is None:
+                continue
+            label = " ".join(mode) or "eager"
+            records[f"{m}__{task}__{label}__{name}"] = {
+                "method": m, "task": task, "mode": label, "steps": steps, "steps_per_sec": r["train_steps_per_sec"],
+                "device": name, "threads": threads, "torch": torch.__version__, "command": r["command"]}
+            print(f"{m} {task} {label}: {r['train_steps_per_sec']:.1f} steps/s on {name}", flush=True)
+    return records
 
 
 def hardware():
@@ -359,6 +394,17 @@ def render(store, path):
             out.append(f"| {o['task']} | {o['backbone']} | {o['threads']} | {o['steps']} | {o['script']:.2f} | "
                        f"{o['bare']:.2f} | {o['ratio']:.3f} |")
         out.append("")
+    if store.get("speed"):
+        out += ["## Training speed", "",
+                "Training steps/s of each script alone (`benchmark.py --speed`: its own timer, evaluation left",
+                "out; with `--compile` its compile time is in), one seed, eager and with the optional `--amp`,",
+                "`--compile` and `--cuda-graph on`.", "",
+                "| method | task | mode | device | threads | steps | steps/s | torch | command |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for o in sorted(store["speed"].values(), key=lambda o: (o["device"], o["method"], o["mode"])):
+            out.append(f"| {o['method']} | {o['task']} | {o['mode']} | {o['device']} | {o['threads']} | {o['steps']} | "
+                       f"{o['steps_per_sec']:.1f} | {o['torch']} | `{o['command']}` |")
+        out.append("")
     Path(path).write_text("\n".join(out))
 
 
@@ -428,6 +474,12 @@ def main():
     store = load_store(args.results)
     store["hardware"] = hardware()
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+    if args.speed:
+        records = speed(args.methods, args.tasks[0], args.speed_steps, args.device, args.out)
+        store.setdefault("speed", {}).update(records)
+        save_store(store, args.results)
+        render(store, args.markdown)
+        return
     if args.overhead:
         for task in args.tasks:
             o = overhead(task, args.overhead_steps, threads)

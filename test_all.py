@@ -1667,6 +1667,20 @@ def test_benchmark_writes_results_from_measured_runs(env, tmp_path):
     assert row["seeds"] == [0, 1, 2]
 
 
+def test_benchmark_speed_times_each_script_alone(env, tmp_path):
+    res = run_script(["benchmark.py", "--speed", "--methods", "dann", "gam", "--tasks", "mnist-usps",
+                      "--speed-steps", "6", "--device", "cpu", "--out", str(tmp_path / "runs"),
+                      "--results", str(tmp_path / "results.json"), "--markdown", str(tmp_path / "RESULTS.md")], env, HERE)
+    assert res.returncode == 0, res.stderr[-2000:]
+    speed = json.loads((tmp_path / "results.json").read_text())["speed"]
+    assert sorted(o["method"] for o in speed.values()) == ["dann", "gam"]  # on the CPU: eager only
+    for o in speed.values():
+        assert o["steps"] == 6 and o["steps_per_sec"] > 0 and o["mode"] == "eager" and "--steps 6" in o["command"]
+    assert "--disc-pretrain 0" in next(o["command"] for o in speed.values() if o["method"] == "gam")
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Training speed" in md and "| dann | mnist-usps | eager |" in md
+
+
 def test_benchmark_paper_plan_and_stopped_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "--plan", "paper", "--dry-run", "--device", "cuda",
                                       "--results", str(tmp_path / "none.json")])
