@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
@@ -946,6 +947,10 @@ def get_device(name="auto"):
 
 def setup_torch(args):
     """Threads, seeding, device and the --amp / --cuda-graph checks shared by every script. Returns the device."""
+    if args.cuda_graph != "off" and args.compile:
+        raise UsageError("--cuda-graph and --compile are two ways to cut the launch overhead: use one of them")
+    if args.cuda_graph == "on" and args.deterministic:  # (not every deterministic kernel is known to be recordable)
+        raise UsageError("--cuda-graph on and --deterministic are not checked together: drop one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
@@ -954,8 +959,6 @@ def setup_torch(args):
     if args.cuda_graph == "on" and device.type != "cuda":
         raise UsageError("--cuda-graph on records CUDA graphs: it needs --device cuda (--cuda-graph check runs its "
                          "checks on any device)")
-    if args.cuda_graph != "off" and args.compile:
-        raise UsageError("--cuda-graph and --compile are two ways to cut the launch overhead: use one of them")
     seed_everything(args.seed, args.deterministic)
     return device
 
@@ -1035,7 +1038,8 @@ class GraphedStep:
             return self._checked()
         if self.calls <= self.warmup:
             self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
+            with torch.cuda.stream(self.side), warnings.catch_warnings():  # (capturable Adam warns when not recorded)
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 out = self.fn(*self.static)
             torch.cuda.current_stream().wait_stream(self.side)
             return out
@@ -1043,7 +1047,8 @@ class GraphedStep:
             self.graph = torch.cuda.CUDAGraph()
             for g in self.generators:
                 self.graph.register_generator_state(g)
-            with torch.cuda.graph(self.graph):  # records the kernels without running them: the replay below runs them
+            # recorded on the warm-up's stream; records the kernels without running them: the replay below runs them
+            with torch.cuda.graph(self.graph, stream=self.side):
                 self.out = self.fn(*self.static)
             print(f"--cuda-graph: {self.fn.__name__} recorded after {self.warmup} eager calls"
                   + (f" (key {self.key})" if self.key is not None else ""), flush=True)

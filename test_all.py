@@ -465,6 +465,8 @@ def test_cuda_graph_flag_checks(tmp_path):
         dann.main(dann.parse_args(["--cuda-graph", "on", "--device", "cpu", "--out", str(tmp_path)]))
     with pytest.raises(common.UsageError, match="use one of them"):
         dann.main(dann.parse_args(["--cuda-graph", "check", "--compile", "--device", "cpu", "--out", str(tmp_path)]))
+    with pytest.raises(common.UsageError, match="--deterministic"):
+        dann.main(dann.parse_args(["--cuda-graph", "on", "--deterministic", "--out", str(tmp_path)]))
     assert not any(tmp_path.iterdir())
 
 
