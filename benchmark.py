@@ -114,8 +114,10 @@ def parse_args():
     p.add_argument("--overhead", action="store_true", help="measure training-loop overhead instead (dann only)")
     p.add_argument("--overhead-steps", type=int, default=300, help="steps for --overhead")
     p.add_argument("--speed", action="store_true", help="time each of --methods alone on the first of --tasks "
-                   "instead: training steps/s, eager and (on CUDA) with --amp, --compile (its compile time included), "
-                   "--cuda-graph on, and --cuda-graph on --amp; recorded with the device")
+                   "instead: training steps/s under each of --speed-modes; recorded with the device")
+    p.add_argument("--speed-modes", nargs="+", default=None, choices=list(SPEED_MODES), metavar="MODE",
+                   help="for --speed: " + ", ".join(f"{k} ({' '.join(v) or 'no flag'})" for k, v in SPEED_MODES.items())
+                   + "; default: eager on the CPU, all of them on CUDA (with --compile its compile time is included)")
     p.add_argument("--speed-steps", type=int, default=500, help="training steps per --speed run")
     args = p.parse_args(argv)
     args.extra = extra
@@ -147,20 +149,27 @@ PLANS = {"paper": [
 # --speed: a short stage 1 where a script has one (only the training loop is timed: its own train_steps_per_sec, which
 # leaves out evaluation), and no discriminator-only iterations for GAM, whose timer counts adaptation steps only
 SPEED_FLAGS = {"gam": ["--source-steps", "100", "--disc-pretrain", "0"], "calibrator": ["--source-epochs", "0.2"]}
-SPEED_MODES = {"cpu": [[]],
-               "cuda": [[], ["--amp"], ["--compile"], ["--cuda-graph", "on"], ["--cuda-graph", "on", "--amp"]]}
+# (the two routes to fewer launches per step: torch.compile's reduce-overhead, torch's CUDA graphs of each compiled
+# network's forward and backward, against --cuda-graph on, the whole step with the optimisers as one graph)
+SPEED_MODES = {"eager": [], "amp": ["--amp"], "compile": ["--compile"],
+               "compile-reduce-overhead": ["--compile", "reduce-overhead"], "cuda-graph": ["--cuda-graph", "on"],
+               "cuda-graph-amp": ["--cuda-graph", "on", "--amp"]}
+CUDA_ONLY_MODES = ("amp", "compile-reduce-overhead", "cuda-graph", "cuda-graph-amp")
 
 
-def speed(methods, task, steps, device, out):
-    """Training steps/s of each script alone, under each of the device's SPEED_MODES; {key: record}."""
+def speed(methods, task, steps, device, out, modes=None):
+    """Training steps/s of each script alone, under each of `modes` (SPEED_MODES names); {key: record}."""
     import torch
 
     kind = "cuda" if device == "cuda" or (device in (None, "auto") and torch.cuda.is_available()) else "cpu"
+    modes = modes or (list(SPEED_MODES) if kind == "cuda" else ["eager"])
+    if kind != "cuda" and set(modes) & set(CUDA_ONLY_MODES):
+        sys.exit(f"--speed-modes {' '.join(m for m in modes if m in CUDA_ONLY_MODES)}: CUDA only (this run is on the CPU)")
     name = torch.cuda.get_device_name(0) if kind == "cuda" else hardware().split(",")[0]
     threads = 1 if kind == "cuda" else max(1, os.cpu_count() or 1)
     records = {}
     for m in methods:
-        for mode in SPEED_MODES[kind]:
+        for mode in (SPEED_MODES[k] for k in modes):
             flags = SPEED_FLAGS.get(m, []) + ["--steps", str(steps), "--eval-every", "0", "--log-every", str(steps),
                                               "--ckpt-every", "0", "--no-save-model", "--device", kind] + mode
             r = run_one(m, task, 0, flags, threads, out)
@@ -398,7 +407,7 @@ def render(store, path):
         out += ["## Training speed", "",
                 "Training steps/s of each script alone (`benchmark.py --speed`: its own timer, evaluation left",
                 "out; with `--compile` its compile time is in), one seed, eager and with the optional `--amp`,",
-                "`--compile` and `--cuda-graph on`.", "",
+                "`--compile [reduce-overhead]` and `--cuda-graph on`.", "",
                 "| method | task | mode | device | threads | steps | steps/s | torch | command |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for o in sorted(store["speed"].values(), key=lambda o: (o["device"], o["method"], o["mode"])):
@@ -475,7 +484,7 @@ def main():
     store["hardware"] = hardware()
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     if args.speed:
-        records = speed(args.methods, args.tasks[0], args.speed_steps, args.device, args.out)
+        records = speed(args.methods, args.tasks[0], args.speed_steps, args.device, args.out, args.speed_modes)
         store.setdefault("speed", {}).update(records)
         save_store(store, args.results)
         render(store, args.markdown)

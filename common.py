@@ -16,6 +16,7 @@ data root, which may be read-only).
 
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -812,7 +813,10 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast in training and evaluation (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks' forward passes")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the networks' forward passes, in torch.compile's MODE (default when only "
+                        "--compile is given; reduce-overhead adds torch's own CUDA graphs of each compiled network's "
+                        "forward and backward passes, not of the optimisers)")
     g.add_argument("--cuda-graph", default="off", choices=GRAPH_MODES,
                    help="on: record the training step once as a CUDA graph and replay it (CUDA only; these small "
                         "networks are bound by kernel launches); check: the recorded path's checks on any device, "
@@ -951,6 +955,13 @@ def setup_torch(args):
         raise UsageError("--cuda-graph and --compile are two ways to cut the launch overhead: use one of them")
     if args.cuda_graph == "on" and args.deterministic:  # (not every deterministic kernel is known to be recordable)
         raise UsageError("--cuda-graph on and --deterministic are not checked together: drop one of them")
+    if args.cuda_graph == "on":  # what the recorded steps use that older torch releases lack
+        lacks = [n for n, ok in (("CUDAGraph.register_generator_state",
+                                  hasattr(torch.cuda.CUDAGraph, "register_generator_state")),
+                                 ("SGD(fused=True)", "fused" in inspect.signature(torch.optim.SGD).parameters)) if not ok]
+        if lacks:
+            raise UsageError(f"--cuda-graph on needs a newer torch than {torch.__version__} (it lacks "
+                             f"{', '.join(lacks)}): upgrade torch, or drop --cuda-graph")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
@@ -969,15 +980,20 @@ def autocast(device, enabled):
         if enabled and device.type == "cuda" else nullcontext()
 
 
-def maybe_compile(fn, enabled):
-    """With --compile: a module is compiled in place (Module.compile: its state dict keeps its plain keys, so saved
-    models load into an uncompiled network), a function through torch.compile. Without it: fn itself."""
-    if not enabled:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def maybe_compile(fn, mode):
+    """With --compile [MODE]: a module is compiled in place (Module.compile: its state dict keeps its plain keys, so
+    saved models load into an uncompiled network), a function through torch.compile. Without it: fn itself. (A run
+    resumed from before --compile took a mode has True here: the default mode.)"""
+    if not mode:
         return fn
+    kwargs = {} if mode in (True, "default") else {"mode": mode}
     if isinstance(fn, nn.Module):
-        fn.compile()
+        fn.compile(**kwargs)
         return fn
-    return torch.compile(fn)
+    return torch.compile(fn, **kwargs)
 
 
 # ---- 4b'. --cuda-graph: a recorded training step, one launch instead of hundreds ----------------------------------

@@ -388,11 +388,20 @@ def test_shared_flags_are_the_same_in_every_script(capsys):
     assert {a.eval_batch_size for a in defaults.values()} == {4096}
 
 
-def test_a_compiled_module_keeps_its_state_dict_keys():
+def test_a_compiled_module_keeps_its_state_dict_keys(monkeypatch):
     m = nn.Sequential(nn.Linear(3, 2))
     keys = list(m.state_dict())
-    assert common.maybe_compile(m, True) is m and list(m.state_dict()) == keys  # loads into a plain build
-    assert common.maybe_compile(m, False) is m
+    assert common.maybe_compile(m, "default") is m and list(m.state_dict()) == keys  # loads into a plain build
+    assert common.maybe_compile(m, None) is m and common.maybe_compile(m, True) is m  # (True: a run resumed from before)
+    # --compile MODE reaches torch.compile as its mode; a bare --compile leaves torch's default
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    common.maybe_compile(nn.Linear(3, 2), "reduce-overhead")
+    common.maybe_compile(lambda x: x, "max-autotune")
+    common.maybe_compile(nn.Linear(3, 2), "default")
+    assert seen == [{"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {}]
+    assert dann.parse_args(["--compile"]).compile == "default" and dann.parse_args([]).compile is None
+    assert gam.parse_args(["--compile", "reduce-overhead", "--seed", "1"]).compile == "reduce-overhead"
 
 
 def _graph_check(fn, *calls, key=lambda i: None):
@@ -467,6 +476,10 @@ def test_cuda_graph_flag_checks(tmp_path):
         dann.main(dann.parse_args(["--cuda-graph", "check", "--compile", "--device", "cpu", "--out", str(tmp_path)]))
     with pytest.raises(common.UsageError, match="--deterministic"):
         dann.main(dann.parse_args(["--cuda-graph", "on", "--deterministic", "--out", str(tmp_path)]))
+    with pytest.raises(common.UsageError, match="needs a newer torch .* lacks CUDAGraph.register_generator_state"):
+        with pytest.MonkeyPatch.context() as mp:  # a torch from before graph-safe custom generators
+            mp.setattr(torch.cuda, "CUDAGraph", type("CUDAGraph", (), {}))
+            dann.main(dann.parse_args(["--cuda-graph", "on", "--out", str(tmp_path)]))
     assert not any(tmp_path.iterdir())
 
 
@@ -1681,6 +1694,8 @@ def test_benchmark_speed_times_each_script_alone(env, tmp_path):
     assert "--disc-pretrain 0" in next(o["command"] for o in speed.values() if o["method"] == "gam")
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Training speed" in md and "| dann | mnist-usps | eager |" in md
+    with pytest.raises(SystemExit, match="cuda-graph: CUDA only"):  # a mode that needs a GPU, asked for on the CPU
+        benchmark.speed(["dann"], "mnist-usps", 6, "cpu", str(tmp_path / "runs"), ["eager", "cuda-graph"])
 
 
 def test_benchmark_paper_plan_and_stopped_runs(tmp_path, capsys, monkeypatch):
