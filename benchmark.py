@@ -170,17 +170,29 @@ def speed(methods, task, steps, device, out, modes=None):
     records = {}
     for m in methods:
         for mode in (SPEED_MODES[k] for k in modes):
-            flags = SPEED_FLAGS.get(m, []) + ["--steps", str(steps), "--eval-every", "0", "--log-every", str(steps),
-                                              "--ckpt-every", "0", "--no-save-model", "--device", kind] + mode
+            flags = SPEED_FLAGS.get(m, []) + ["--steps", str(steps), "--eval-every", "0", "--log-every",
+                                              str(max(1, steps // 5)), "--ckpt-every", "0", "--no-save-model",
+                                              "--device", kind] + mode
             r = run_one(m, task, 0, flags, threads, out)
             if r is None:
                 continue
             label = " ".join(mode) or "eager"
+            rate = steady_rate(HERE / r["run_dir"] / "metrics.jsonl")
             records[f"{m}__{task}__{label}__{name}"] = {
-                "method": m, "task": task, "mode": label, "steps": steps, "steps_per_sec": r["train_steps_per_sec"],
-                "device": name, "threads": threads, "torch": torch.__version__, "command": r["command"]}
-            print(f"{m} {task} {label}: {r['train_steps_per_sec']:.1f} steps/s on {name}", flush=True)
+                "method": m, "task": task, "mode": label, "steps": steps, "steps_per_sec": rate,
+                "steps_per_sec_whole_run": r["train_steps_per_sec"], "device": name, "threads": threads,
+                "torch": torch.__version__, "command": r["command"]}
+            print(f"{m} {task} {label}: {rate:.1f} steps/s after the first fifth ({r['train_steps_per_sec']:.1f} over "
+                  f"the whole run) on {name}", flush=True)
     return records
+
+
+def steady_rate(metrics_path):
+    """Training steps/s after the first logged window (warm-up, a graph's recording, compilation left out), from the
+    cumulative rates a run logs: step / rate is the training time up to that record."""
+    recs = [r for r in map(json.loads, Path(metrics_path).read_text().splitlines()) if "steps_per_sec" in r]
+    (s1, r1), (s2, r2) = (recs[0]["step"], recs[0]["steps_per_sec"]), (recs[-1]["step"], recs[-1]["steps_per_sec"])
+    return r2 if s2 == s1 else (s2 - s1) / (s2 / r2 - s1 / r1)
 
 
 def hardware():
@@ -405,14 +417,16 @@ def render(store, path):
         out.append("")
     if store.get("speed"):
         out += ["## Training speed", "",
-                "Training steps/s of each script alone (`benchmark.py --speed`: its own timer, evaluation left",
-                "out; with `--compile` its compile time is in), one seed, eager and with the optional `--amp`,",
-                "`--compile [reduce-overhead]` and `--cuda-graph on`.", "",
-                "| method | task | mode | device | threads | steps | steps/s | torch | command |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "Training steps/s of each script alone (`benchmark.py --speed`: the script's own timer, evaluation",
+                "left out), one seed, eager and with the optional `--amp`, `--compile [reduce-overhead]` and",
+                "`--cuda-graph on`. steps/s: after the first fifth of the steps (warm-up, a graph's recording,",
+                "compilation left out); whole run: all of them.", "",
+                "| method | task | mode | device | threads | steps | steps/s | whole run | torch | command |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for o in sorted(store["speed"].values(), key=lambda o: (o["device"], o["method"], o["mode"])):
             out.append(f"| {o['method']} | {o['task']} | {o['mode']} | {o['device']} | {o['threads']} | {o['steps']} | "
-                       f"{o['steps_per_sec']:.1f} | {o['torch']} | `{o['command']}` |")
+                       f"{o['steps_per_sec']:.1f} | {o['steps_per_sec_whole_run']:.1f} | {o['torch']} | "
+                       f"`{o['command']}` |")
         out.append("")
     Path(path).write_text("\n".join(out))
 

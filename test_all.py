@@ -1691,9 +1691,15 @@ def test_benchmark_speed_times_each_script_alone(env, tmp_path):
     assert sorted(o["method"] for o in speed.values()) == ["dann", "gam"]  # on the CPU: eager only
     for o in speed.values():
         assert o["steps"] == 6 and o["steps_per_sec"] > 0 and o["mode"] == "eager" and "--steps 6" in o["command"]
+        assert o["steps_per_sec_whole_run"] > 0 and "--log-every 1" in o["command"]
     assert "--disc-pretrain 0" in next(o["command"] for o in speed.values() if o["method"] == "gam")
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Training speed" in md and "| dann | mnist-usps | eager |" in md
+    # the steady rate leaves the first logged window out: 2 s for steps 1-100, then 3 s for steps 101-500
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 100, "loss": 1.0, "steps_per_sec": 50.0}\n{"step": 100, "target_test_acc_curve": 9.0}\n'
+                   '{"step": 500, "loss": 0.5, "steps_per_sec": 100.0}\n{"step": 500, "target_acc": 9.0}\n')
+    assert benchmark.steady_rate(log) == pytest.approx(400 / 3)
     with pytest.raises(SystemExit, match="cuda-graph: CUDA only"):  # a mode that needs a GPU, asked for on the CPU
         benchmark.speed(["dann"], "mnist-usps", 6, "cpu", str(tmp_path / "runs"), ["eager", "cuda-graph"])
 
