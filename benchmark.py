@@ -158,7 +158,8 @@ CUDA_ONLY_MODES = ("amp", "compile-reduce-overhead", "cuda-graph", "cuda-graph-a
 
 
 def speed(methods, task, steps, device, out, modes=None):
-    """Training steps/s of each script alone, under each of `modes` (SPEED_MODES names); {key: record}."""
+    """Training steps/s of each script alone, under each of `modes` (SPEED_MODES names): yields (key, record) as each
+    run ends, mode by mode (every script eager first), so a run that is cut short keeps what it measured."""
     import torch
 
     kind = "cuda" if device == "cuda" or (device in (None, "auto") and torch.cuda.is_available()) else "cpu"
@@ -167,9 +168,8 @@ def speed(methods, task, steps, device, out, modes=None):
         sys.exit(f"--speed-modes {' '.join(m for m in modes if m in CUDA_ONLY_MODES)}: CUDA only (this run is on the CPU)")
     name = torch.cuda.get_device_name(0) if kind == "cuda" else hardware().split(",")[0]
     threads = 1 if kind == "cuda" else max(1, os.cpu_count() or 1)
-    records = {}
-    for m in methods:
-        for mode in (SPEED_MODES[k] for k in modes):
+    for mode in (SPEED_MODES[k] for k in modes):
+        for m in methods:
             flags = SPEED_FLAGS.get(m, []) + ["--steps", str(steps), "--eval-every", "0", "--log-every",
                                               str(max(1, steps // 5)), "--ckpt-every", "0", "--no-save-model",
                                               "--device", kind] + mode
@@ -178,13 +178,12 @@ def speed(methods, task, steps, device, out, modes=None):
                 continue
             label = " ".join(mode) or "eager"
             rate = steady_rate(HERE / r["run_dir"] / "metrics.jsonl")
-            records[f"{m}__{task}__{label}__{name}"] = {
+            print(f"{m} {task} {label}: {rate:.1f} steps/s after the first fifth ({r['train_steps_per_sec']:.1f} over "
+                  f"the whole run) on {name}", flush=True)
+            yield f"{m}__{task}__{label}__{name}", {
                 "method": m, "task": task, "mode": label, "steps": steps, "steps_per_sec": rate,
                 "steps_per_sec_whole_run": r["train_steps_per_sec"], "device": name, "threads": threads,
                 "torch": torch.__version__, "command": r["command"]}
-            print(f"{m} {task} {label}: {rate:.1f} steps/s after the first fifth ({r['train_steps_per_sec']:.1f} over "
-                  f"the whole run) on {name}", flush=True)
-    return records
 
 
 def steady_rate(metrics_path):
@@ -498,10 +497,11 @@ def main():
     store["hardware"] = hardware()
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     if args.speed:
-        records = speed(args.methods, args.tasks[0], args.speed_steps, args.device, args.out, args.speed_modes)
-        store.setdefault("speed", {}).update(records)
-        save_store(store, args.results)
-        render(store, args.markdown)
+        for key, record in speed(args.methods, args.tasks[0], args.speed_steps, args.device, args.out,
+                                 args.speed_modes):
+            store.setdefault("speed", {})[key] = record
+            save_store(store, args.results)
+            render(store, args.markdown)
         return
     if args.overhead:
         for task in args.tasks:

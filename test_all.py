@@ -1701,7 +1701,7 @@ def test_benchmark_speed_times_each_script_alone(env, tmp_path):
                    '{"step": 500, "loss": 0.5, "steps_per_sec": 100.0}\n{"step": 500, "target_acc": 9.0}\n')
     assert benchmark.steady_rate(log) == pytest.approx(400 / 3)
     with pytest.raises(SystemExit, match="cuda-graph: CUDA only"):  # a mode that needs a GPU, asked for on the CPU
-        benchmark.speed(["dann"], "mnist-usps", 6, "cpu", str(tmp_path / "runs"), ["eager", "cuda-graph"])
+        next(benchmark.speed(["dann"], "mnist-usps", 6, "cpu", str(tmp_path / "runs"), ["eager", "cuda-graph"]))
 
 
 def test_benchmark_paper_plan_and_stopped_runs(tmp_path, capsys, monkeypatch):
