@@ -21,14 +21,20 @@ Implemented:
     overfitting pixel discriminator).
   * Calibrator loss (eq. 7): both discriminators should put G3 and G4 in G1. Official weights: target terms 1.0,
     source terms 0.1 (`--w-feat-target --w-feat-source --w-pix-target --w-pix-source`).
-  * Adam lr 1e-4 for G_c and both discriminators, batch 128 per domain, constant lr (the official StepLR is
-    never stepped); discriminators step first, then G_c, every iteration.
+  * Stage 2 as the official yeshaokai/Calibrator-Domain-Adaptation calibrator/tools/train_calibrator_net.py: Adam
+    for G_c and both discriminators with the config's betas (0.9, 0.999) and weight decay (5e-4 for M<->U, 0 for
+    S->M), lr 1e-4, batch 128 per domain, constant lr (its StepLR is never stepped); every iteration the
+    discriminators step first, then G_c on a fresh forward of G_c and F_s (new dropout masks; with `--source-bn
+    train` F_s's BatchNorm statistics move again) and a new pixel shuffle. G_c and D_pixel start from N(0, 0.02)
+    weights and zero biases (backbones.init_weights), D_feat from PyTorch's defaults. Until commit 50f9e9c this
+    file used betas (0.5, 0.999), no weight decay, one forward for both steps and PyTorch's initialisation:
+    `--betas 0.5,0.999 --weight-decay 0 --reuse-forward --init torch` (the rows so marked in RESULTS.md).
 
 Per-task defaults (the official code's configs/digits/*.yml):
-    task        src epochs  src wd  batch  epochs  lr    width  blocks  L_inf  patch
-    mnist-usps  300         5e-4    128    200     1e-4  8      9       0.4    4
-    usps-mnist  250         5e-4    128    50      1e-4  4      9       0.9    8
-    svhn-mnist  100         0       512    100     2e-4  8      8       0.8    8
+    task        src epochs  src wd  batch  epochs  lr    wd    width  blocks  L_inf  patch
+    mnist-usps  300         5e-4    128    200     1e-4  5e-4  8      9       0.4    4
+    usps-mnist  250         5e-4    128    50      1e-4  5e-4  4      9       0.9    8
+    svhn-mnist  100         0       512    100     2e-4  0     8      8       0.8    8
   Other tasks have no official config and use the svhn-mnist row. An epoch of stage 2 is min(#source, #target)
   train images / batch steps (the official loop zips the two loaders, so the shorter one ends the epoch).
 
@@ -76,12 +82,12 @@ from common import (GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_
 
 # Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
 TASK_DEFAULTS = {
-    "mnist-usps": dict(source_epochs=300, source_wd=5e-4, batch_size=128, epochs=200, lr=1e-4, width=8, blocks=9,
-                       linf=0.4, patch=4),
-    "usps-mnist": dict(source_epochs=250, source_wd=5e-4, batch_size=128, epochs=50, lr=1e-4, width=4, blocks=9,
-                       linf=0.9, patch=8),
-    "svhn-mnist": dict(source_epochs=100, source_wd=0.0, batch_size=512, epochs=100, lr=2e-4, width=8, blocks=8,
-                       linf=0.8, patch=8),
+    "mnist-usps": dict(source_epochs=300, source_wd=5e-4, batch_size=128, epochs=200, lr=1e-4, weight_decay=5e-4,
+                       width=8, blocks=9, linf=0.4, patch=4),
+    "usps-mnist": dict(source_epochs=250, source_wd=5e-4, batch_size=128, epochs=50, lr=1e-4, weight_decay=5e-4,
+                       width=4, blocks=9, linf=0.9, patch=8),
+    "svhn-mnist": dict(source_epochs=100, source_wd=0.0, batch_size=512, epochs=100, lr=2e-4, weight_decay=0.0,
+                       width=8, blocks=8, linf=0.8, patch=8),
 }
 
 
@@ -104,7 +110,14 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=float, default=None, help="calibrator epochs (task default)")
     g.add_argument("--batch-size", type=int, default=None, help="images per domain per step, both stages (task default)")
     g.add_argument("--lr", type=float, default=None, help="Adam lr of G_c and both discriminators (task default)")
-    g.add_argument("--betas", default="0.5,0.999", help="Adam betas of stage 2")
+    g.add_argument("--betas", default="0.9,0.999", help="Adam betas of stage 2 (official configs: 0.9,0.999)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="Adam weight decay of G_c and both discriminators in stage 2 (task default)")
+    g.add_argument("--reuse-forward", action="store_true",
+                   help="G_c's step reuses the discriminator step's forward pass (one forward fewer; the official "
+                        "step runs G_c and F_s again, with new dropout masks)")
+    g.add_argument("--init", default="official", choices=["official", "torch"],
+                   help="official: N(0, 0.02) weights, zero biases for G_c and D_pixel; torch: PyTorch's defaults")
     g.add_argument("--width", type=int, default=None, help="calibrator base width ngf (task default)")
     g.add_argument("--blocks", type=int, default=None, help="calibrator residual blocks (task default)")
     g.add_argument("--linf", type=float, default=None, help="bound on the perturbation, in [-1, 1] pixel units")
@@ -125,7 +138,7 @@ def parse_args(argv=None):
     args = parse(p, argv)
     check_args(args, positive=("source_epochs", "source_lr", "epochs", "lr"),
                at_least_one=("batch_size", "width", "pixel_hidden"),
-               non_negative=("source_wd", "blocks", "grid_images", "w_feat_target", "w_feat_source", "w_pix_target",
+               non_negative=("source_wd", "weight_decay", "blocks", "grid_images", "w_feat_target", "w_feat_source", "w_pix_target",
                              "w_pix_source"))
     # derived defaults (the official per-task configs), resolved here so that args.json records the values used
     for k, v in TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["svhn-mnist"]).items():
@@ -149,7 +162,13 @@ def parse_args(argv=None):
         raise UsageError(f"--calib-dropout must be in [0, 1) (got {args.calib_dropout})")
     if args.source_bn == "train" and args.batch_size < 2:
         raise UsageError("--source-bn train needs --batch-size >= 2 (BatchNorm statistics)")
-    args.variant = "calibrator" + ("" if args.source_bn == "eval" else "+source-bn-train")
+    named = [f"betas {args.betas}"] if args.adam_betas != (0.9, 0.999) else []  # what differs from the official
+    named += [f"wd {args.weight_decay:g}"] if args.weight_decay != TASK_DEFAULTS.get(
+        args.task, TASK_DEFAULTS["svhn-mnist"])["weight_decay"] else []
+    named += ["one forward"] if args.reuse_forward else []
+    named += ["torch init"] if args.init == "torch" else []
+    args.variant = "calibrator" + ("" if args.source_bn == "eval" else "+source-bn-train") + \
+        (f" ({', '.join(named)})" if named else "")
     return args
 
 
@@ -192,6 +211,13 @@ class Calibrator(nn.Module):
 
     def forward(self, x):
         return torch.clamp(x + self.delta(x), -1.0, 1.0)
+
+
+def init_weights(m):
+    """Official initialisation (backbones.init_weights, applied to G_c and D_pixel): N(0, 0.02) weights, zero biases."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        nn.init.zeros_(m.bias)
 
 
 def feature_discriminator(in_dim):
@@ -318,7 +344,10 @@ def main(args):
     feat_dim = len(src.classes) if args.feat_input == "softmax" else f_s.feature_dim
     d_feat = feature_discriminator(feat_dim).to(device)
     d_pix = pixel_discriminator(args.patch, 3, args.pixel_hidden).to(device)
-    adam = dict(lr=args.lr, betas=args.adam_betas, capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
+    if args.init == "official":  # D_feat keeps PyTorch's initialisation, as in the official code
+        g_c.apply(init_weights), d_pix.apply(init_weights)
+    adam = dict(lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay,
+                capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
     opt_g = torch.optim.Adam(g_c.parameters(), **adam)
     opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), **adam)
 
@@ -369,6 +398,10 @@ def main(args):
         opt_d.step()
 
         with autocast(device, args.amp):  # calibrator (eq. 7): D_feat and D_pixel should call G3 and G4 "source"
+            if not args.reuse_forward:  # official: G_c and F_s run again (new dropout masks; in --source-bn train
+                cal = g_fwd(x)  # F_s's BatchNorm statistics move again) and D_pixel sees a new shuffle
+                f_cal = feat_groups(cal)
+                p_cal = shuffled_patch(cal, top, left, args.patch, g)
             loss_g = calibrator_loss(d_feat(f_cal), d_pix(p_cal), n, w)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()

@@ -1147,11 +1147,12 @@ def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
     return (predict(model, x_uint8, batch_size, amp, input_range) == y).float().mean().item() * 100.0
 
 
-def evaluate_domains(model, src, tgt, final=False, **ev):
+def evaluate_domains(model, src, tgt, final=False, source_model=None, **ev):
     """Target test and source test accuracy of `model` (and the --target-val accuracy): during training a curve
-    ('target_test_acc_curve', never used for selection), at the end the final model's ('target_test_acc')."""
+    ('target_test_acc_curve', never used for selection), at the end the final model's ('target_test_acc').
+    `source_model`, if given, is the model the method applies to source images (PixelDA's private source tower)."""
     rec = {"target_test_acc" if final else "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
-           "source_test_acc": accuracy(model, src.test_x, src.test_y, **ev)}
+           "source_test_acc": accuracy(source_model or model, src.test_x, src.test_y, **ev)}
     if tgt.val_x is not None:
         rec["target_val_acc"] = accuracy(model, tgt.val_x, tgt.val_y, **ev)
     return rec

@@ -16,7 +16,13 @@ Implemented:
     statistics are measured after the layers below it were matched. `--mode gaussian` stops here.
   * General activation matching (Sec. 4.2, eq. 3): one discriminator per matched layer (ADDA's 500-500-2 MLP with
     ReLU); standard GAN loss for the discriminators, inverted labels for F^t; weight drift
-    sum over tensors of mean((W^ref - W^t)^2) (official code). Digit defaults: the 500-d hidden layer (weight 0.1)
+    sum over tensors of mean((W^ref - W^t)^2) (official code). `--gan-update official` (default), as
+    RsEnts/DAM_release digits_classification/tools/train_adda.py: each discriminator sees [source; target] once per
+    iteration, both losses are cross entropies averaged over all 2B rows (F^t's with the labels inverted, so its
+    adversarial gradient is half a target-rows mean, relative to the drift term), and the discriminators and F^t are
+    updated together from that one forward (the release: two minimize ops of one Adam in one sess.run).
+    `--gan-update alternating` (this file's earlier default): the discriminators step, then F^t on the updated
+    ones, its GAN loss over the target rows only (= the official balance with --drift 0.5). Digit defaults: the 500-d hidden layer (weight 0.1)
     and the logits (weight 1.0); discriminators pre-trained 500 iterations; Gaussian matching as initialisation
     (the paper: "crucial").
   * One GAN at a time (Sec. 5: "For digit classification, we found it to be more stable to add one GAN at a time,
@@ -63,8 +69,9 @@ Deviations, each a flag or stated here:
     without it (its own --source-ckpt files; a file trained with dropout is refused).
   * The drift reference is F^t's initialisation (F^s after Gaussian matching), so that the drift term does not pull
     the Gaussian-matched scales back; `--drift-ref source` uses F^s's weights as in eq. 1.
-  * Adversarial pairing: the discriminators step first, then F^t, every iteration (the official code runs both
-    in one TF call with a shared Adam).
+  * Two Adam objects (F^t, discriminators) where the release shares one: each parameter's moments are its own either
+    way; the release's shared bias-correction counter advances twice per iteration (no effect after a few hundred).
+  * The official stage 1 puts L2 2.5e-5 on the LeNet's weights (tools/train.py, get_total_loss); ours has none.
 
 Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM (full) 95.7
 +- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M. Measured here (RESULTS.md, final model, target test
@@ -169,6 +176,10 @@ def parse_args(argv=None):
                         "names a class (predicted under a third as often on the target training images as it is "
                         "labelled in the source), start the GAN stage again at full length (F^t from its Gaussian-"
                         "matched start, fresh discriminators), up to this many times; converged schedule only")
+    g.add_argument("--gan-update", default="official", choices=["official", "alternating"],
+                   help="official (train_adda.py): one forward of each discriminator over [source; target], both "
+                        "losses averaged over all 2B rows, discriminators and F^t updated together from it; "
+                        "alternating: discriminators first, then F^t on the updated ones, over the target rows only")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
     args = parse(p, argv)
@@ -211,6 +222,7 @@ def parse_args(argv=None):
         named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
         named += [f"restart on an emptied class, at most {args.restart_emptied}"] if args.restart_emptied else []
         named += [f"{args.recipe} recipe"] if args.recipe != "official" else []
+    named += ["alternating update"] if args.mode == "gam" and args.gan_update != "official" else []
     named += ["F^s without dropout"] if args.no_source_dropout else []  # stage 1's, in every variant
     args.variant += f" ({', '.join(named)})" if named else ""
     return args
@@ -296,6 +308,30 @@ def target_step(f_t, discs, opt_t, a_t, weights, ref, drift_w):
     (loss_gan + drift_w * loss_drift).backward()
     opt_t.step()
     return loss_gan.detach(), loss_drift.detach()
+
+
+def adversarial_step(f_t, discs, opt_d, opt_t, a_s, a_t, weights, ref, drift_w, train_t):
+    """--gan-update official (train_adda.py): each active discriminator sees the batch [source; target] once. It
+    minimises the cross entropy averaged over all 2B rows (source 0, target 1); F^t minimises the same average with
+    the labels inverted, plus drift_w * weight drift (eq. 3). The source rows carry no gradient to F^t, so its
+    adversarial gradient is half that of a mean over the target rows alone (alternating). Both updates use this one
+    forward's gradients; F^t is updated only when train_t (after the discriminators' pre-training)."""
+    logits = {k: discs[k](torch.cat([a_s[k], a_t[k]]).flatten(1)) for k in weights}
+    first = next(iter(weights))
+    y = torch.cat([domain_labels(a_s[first], 0), domain_labels(a_t[first], 1)])
+    loss_d = sum(w * F.cross_entropy(logits[k], y) for k, w in weights.items())
+    d_params = [p for k in weights for p in discs[k].parameters()]
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward(inputs=d_params, retain_graph=train_t)  # D's gradient only
+    loss_gan = loss_drift = torch.zeros((), device=y.device)
+    if train_t:
+        loss_gan = sum(w * F.cross_entropy(logits[k], 1 - y) for k, w in weights.items())
+        loss_drift = weight_drift(f_t, ref)
+        opt_t.zero_grad(set_to_none=True)
+        (loss_gan + drift_w * loss_drift).backward(inputs=list(f_t.parameters()))  # F^t's gradient only
+        opt_t.step()
+    opt_d.step()
+    return loss_d.detach(), loss_gan.detach(), loss_drift.detach()
 
 
 def flattened(sched, step, loss_d, window, tol):
@@ -400,6 +436,10 @@ def main(args):
             with torch.no_grad():
                 a_s = f_s.activations(to_float(src_x[s_idx], args.input_range))  # source net, source data
             a_t = acts_t(to_float(tgt_x[t_idx], args.input_range))  # target net, target data
+            if args.gan_update == "official":
+                loss_d, loss_gan, loss_drift = adversarial_step(f_t, discs, opt_d, opt_t, a_s, a_t, active, ref,
+                                                                args.drift, step >= 0)
+                return dict(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
             loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
             loss_gan = loss_drift = torch.zeros((), device=device)
             if step >= 0:  # after the discriminators' pre-training

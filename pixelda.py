@@ -2,80 +2,74 @@
 
 A generator G(x_s, z) renders labelled source images in the style of the target domain; a discriminator D tells
 rendered images from real target images; a task classifier T learns the labels from source images and from the
-rendered ones, and is then applied to target images. A content-similarity loss keeps G from changing the digits'
-shapes. Adaptation happens in pixel space: T is an ordinary classifier and G's output can be looked at.
+rendered ones, and is then applied to target images. Adaptation happens in pixel space: T is an ordinary
+classifier and G's output can be looked at.
 
-Implemented (defaults: the official MNIST->MNIST-M hyperparameters of the TensorFlow release):
+Implemented as the TensorFlow release (tensorflow/models, research/domain_adaptation/pixel_domain_adaptation:
+hparams.py, pixelda_model.py, pixelda_losses.py, pixelda_task_towers.py, pixelda_train.py), defaults from its
+MNIST->MNIST-M command:
   * G: z ~ U[-1, 1]^10 projected by FC + BN + ReLU to one image-sized channel, concatenated to x_s; conv3x3-64 +
     ReLU; 6 residual blocks (conv3x3-64-BN-ReLU-conv3x3-64-BN + skip); conv1x1 to the target's channels; tanh.
   * D: conv3x3-64 stride 1 (no BN), then stride-2 conv3x3 blocks doubling the width (128, 256, 512 at 32x32) with
     BN; LeakyReLU 0.2; during training, dropout 0.1 and Gaussian noise (sigma 0.2) on every hidden layer; one logit.
-  * T: the DANN MNIST network (`dann_mnist`, 32x32x3). `--private-conv` gives source images their own first conv
-    (the official task tower: private first layers for the two inputs, shared later layers).
-  * Losses: D and G play the standard (non-saturating) GAN game, weight 0.1356 (`--domain-weight`); T minimises
-    cross entropy on x_s and on G(x_s, z) (weights 1, 1); G also minimises `--task-in-g-weight` 0.0101 times T's
-    loss on its images and `--content-weight` 0.0113 times the masked pairwise mean squared error (PMSE) between
-    G(x_s, z) and x_s over the digit's foreground mask m. PMSE = mean_m(d^2) - mean_m(d)^2 with d = x_s - G(x_s, z)
-    over the masked pixels (all channels): it ignores a constant shift of the image, so G may change the colours
-    but must keep the shapes.
-  * Optimisation: Adam lr 1e-3, beta1 0.5, batch 32 per domain, lr x0.95 every 20k steps (staircase), gradient norm
-    clipped to 5, weight decay 1e-5 on G and T; one D+T step then one G step per iteration; weights ~ N(0, 0.02).
-    500k steps (the release's 16M examples / 32) is the paper-faithful default; a CPU needs `--steps` far shorter.
+  * T: the release's `mnist` tower (conv5-32, pool, conv5-48, pool with SAME padding: 3,072 features; fc100, fc100,
+    fc10). Source images go through a private first conv, G's images and target images through T's own
+    (`--no-private-conv`: one T for all). The source test split is scored with the source images' tower.
+  * Batch norm as slim's: a shift but no scale, eps 1e-3, decay 0.9. Weights ~ N(0, 0.02), zero biases.
+  * Losses (pixelda_losses.py): D's step minimises 0.1356 (`--domain-weight`) x its GAN loss (target 1, G(x_s, z)
+    0) plus T's cross entropy on x_s and on G(x_s, z) (weights 1, 1); G's step minimises 0.0113 (`--style-weight`)
+    x the non-saturating GAN loss plus 0.0101 (`--task-in-g-weight`) x T's cross entropy on its images. The
+    release's content-similarity loss is off in that command (weight 0); `--content-weight` turns on a masked
+    pairwise MSE between G(x_s, z) and x_s over the digit's stroke (`--mask-threshold`; -2: every pixel).
+  * Optimisation: Adam lr 1e-3, beta1 0.5, batch 32 per domain; one D+T step, then one G step on a fresh source
+    batch and z (two train ops, each with its own batch). Both ops advance the release's global step, so its 500k
+    steps (16M examples / 32) are 250k D+G iterations, and its x0.95 decay every 20k steps comes every 10k
+    iterations (`--steps`, `--lr-decay-steps` count iterations). Each gradient tensor is clipped to norm 5.
   * `--source-only`: T trained on source images alone with the same optimiser (the paper's lower bound).
 
 Evaluation: the *final* T's accuracy on the target *test* split and the source *test* split (no checkpoint selection;
 the target accuracy is logged every `--eval-every` steps as a curve only). PNG grids (x_s; G(x_s, z) for several z;
-real target images) are written every `--grid-every` steps and at the end.
+real target images) are written every `--grid-every` steps and at the end. The logged `t_acc_on_fake` is T's
+accuracy on G's images (source labels only): near chance means G has dropped the class.
 
 Deviations, each a flag or stated here:
-  * Images are 32x32 with 3 channels for every task (MNIST / USPS replicated), pixels in [-1, 1].
-  * The foreground mask is x_s > `--mask-threshold` (in [-1, 1] units) on the source image's channel mean; for MNIST
-    digits this is the stroke. `--mask-threshold -2` uses every pixel.
-  * `--private-conv` is off by default: the paper describes one task classifier T for both inputs.
-  * G's last conv has the target's channels: 1 for a gray target (USPS, MNIST), whose images the loaders replicate
-    to 3 channels, so G's output is replicated the same way. A 3-channel G for a gray target renders coloured
-    digits that no target image has.
+  * Images are 32x32 with 3 channels for every task (MNIST / USPS replicated), pixels in [-1, 1]. G's last conv has
+    the target's channels: 1 for a gray target (USPS, MNIST), replicated like the data (a 3-channel G for a gray
+    target renders coloured digits that no target image has).
+  * The release declares weight decay 1e-5 for G and T but never adds it to the loss (slim's create_train_op does
+    not collect it): `--weight-decay` defaults to 0, as it trains there.
+  * D's Gaussian noise is off in eval mode (the release adds it at test time too; D is not used then).
 
 Paper numbers (target accuracy): MNIST->MNIST-M 98.2 (source-only 63.6), MNIST->USPS 95.9 (source-only 78.9).
-Measured numbers: RESULTS.md. The release publishes only the MNIST->MNIST-M weights. Choosing weights for a new pair
-of domains: the authors tuned on a small labelled target validation set (Bousmalis et al., NeurIPS 2016, Sec. 4);
-`--target-val N` holds N labelled images out of the target *train* split and logs T's accuracy on them, to compare
-runs by, never the test split. On MNIST->USPS (N = 1000, seed 0, 500 steps; validation accuracy of the final T;
-source-only 77.8) scaling the content and task-in-G weights together ranked 1x the official values 35.1, 10x 77.1
-and 100x 84.7 (a full-image PMSE with content weight 1.0: 56.5). For MNIST->USPS use `--task-in-g-weight 1.01
---content-weight 1.13`: 3 seeds at 500 steps end at 81.2 / 79.3 / 81.2 (80.57 +- 1.08) on the test split, above
-source-only at the same schedule on every seed (source-only 75.8 / 67.3 / 76.2; 76.6 / 77.8 / 77.7 at 1000 steps).
-Without the GAN (`--domain-weight 0`) these weights give 77.1 / 74.6 / 71.1, 4-10 points under the same seeds with
-it: the gain is G's target-styled images, not the extra losses.
-What fails with the official weights on MNIST->USPS: USPS digits fill the frame (at 32x32 the ink's bounding box is
-30 px high and a quarter of the pixels are ink; MNIST: 22 px, 12 %), so to pass for USPS G must enlarge the digit.
-Its same-resolution residual convolutions do so by painting new strokes around the old ones, outside the stroke mask
-the PMSE looks at, and the class goes with the shape: T reads x_s's label in 14 % of G's images with the official
-weights, 61-82 % at 10x, 91-93 % at 100x (eval mode, 2,000 MNIST test digits), and T's final USPS accuracy follows
-that order (36, 57-75, 79-81 %). Watch the logged `t_acc_on_fake` (printed and in metrics.jsonl: T's accuracy on G's
-images, source labels only): near chance means G has dropped the class.
+Measured numbers: RESULTS.md. Until commit 50f9e9c this file put 0.1356 on G's GAN loss and 0.0113 on a masked
+PMSE (G's adversarial-to-task balance about 13:1 instead of the release's about 1:1), used the DANN tower (VALID
+padding, one first conv), one batch and z for both steps, weight decay 1e-5 and one clipping norm per network;
+those rows are marked with that commit in RESULTS.md (MNIST->USPS then collapsed: G redrew digits as other classes).
 """
 
 import argparse
 import time
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GraphedStep, IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast,
-                    build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task,
+from common import (Backbone, GraphedStep, IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast,
+                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task,
                     main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, setup_torch,
                     to_float, write_args)
 
-# The loss weights of the official MNIST->MNIST-M run (the release's README); others are named in the variant.
-OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "content_weight": 0.0113173311334,
+# The loss weights of the official MNIST->MNIST-M run (the release's README; its content loss is off, weight 0);
+# others are named in the variant.
+OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "style_weight": 0.0113173311334, "content_weight": 0.0,
                     "task_in_g_weight": 0.0100959947002}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_args(p, task="mnist-mnistm", steps=500_000, steps_help="training iterations (official: 16M examples / 32)",
+    add_shared_args(p, task="mnist-mnistm", steps=250_000,
+                    steps_help="D+G iterations (official: 16M examples / 32 = 500k global steps, two per iteration)",
                     log_every=200, eval_every=2000)
     g = p.add_argument_group("method (defaults: the official MNIST->MNIST-M hyperparameters)")
     g.add_argument("--source-only", action="store_true", help="train T on source images only (no G, no D)")
@@ -83,12 +77,17 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of G, D and T")
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     g.add_argument("--lr-decay", type=float, default=0.95, help="lr multiplier every --lr-decay-steps (staircase)")
-    g.add_argument("--lr-decay-steps", type=int, default=20_000, help="steps between lr decays")
-    g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip per network (0: none)")
-    g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay of G and T")
-    g.add_argument("--domain-weight", type=float, default=OFFICIAL_WEIGHTS["domain_weight"], help="weight of the GAN losses")
+    g.add_argument("--lr-decay-steps", type=int, default=10_000,
+                   help="iterations between lr decays (official: 20k global steps = 10k D+G iterations)")
+    g.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip per parameter tensor (0: none)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="weight decay of G and T (official: 1e-5 declared, never added to the loss)")
+    g.add_argument("--domain-weight", type=float, default=OFFICIAL_WEIGHTS["domain_weight"],
+                   help="weight of D's GAN loss (official domain_loss_weight)")
+    g.add_argument("--style-weight", type=float, default=OFFICIAL_WEIGHTS["style_weight"],
+                   help="weight of G's GAN loss (official style_transfer_loss_weight)")
     g.add_argument("--content-weight", type=float, default=OFFICIAL_WEIGHTS["content_weight"],
-                   help="weight of the masked PMSE in G")
+                   help="weight of the masked PMSE in G (official: 0, off)")
     g.add_argument("--task-in-g-weight", type=float, default=OFFICIAL_WEIGHTS["task_in_g_weight"],
                    help="weight of T's loss in G's step")
     g.add_argument("--noise-dim", type=int, default=10, help="dimension of z ~ U[-1, 1]")
@@ -96,28 +95,46 @@ def parse_args(argv=None):
     g.add_argument("--d-noise", type=float, default=0.2, help="std of D's Gaussian noise on hidden layers (training)")
     g.add_argument("--d-dropout", type=float, default=0.1, help="D's dropout on hidden layers (training)")
     g.add_argument("--mask-threshold", type=float, default=0.0, help="foreground: source pixels above this ([-1, 1])")
-    g.add_argument("--private-conv", action="store_true", help="T: a private first conv for source images")
+    g.add_argument("--private-conv", action=argparse.BooleanOptionalAction, default=True,
+                   help="T: a private first conv for source images (official); --no-private-conv: one T for all")
     g.add_argument("--grid-every", type=int, default=5000, help="write a PNG grid every N steps (0: only at the end)")
     args = parse(p, argv)
     check_args(args, positive=("lr", "lr_decay"), at_least_one=("lr_decay_steps", "noise_dim"),
-               non_negative=("clip", "weight_decay", "domain_weight", "content_weight", "task_in_g_weight",
+               non_negative=("clip", "weight_decay", "domain_weight", "style_weight", "content_weight", "task_in_g_weight",
                              "res_blocks", "d_noise", "grid_every"))
     if args.batch_size < 2:
         raise UsageError("--batch-size must be >= 2 (BatchNorm statistics)")
     if not 0 <= args.beta1 < 1 or not 0 <= args.d_dropout < 1:
         raise UsageError("--beta1 and --d-dropout must be in [0, 1)")
-    if args.source_only and args.private_conv:
-        raise UsageError("--private-conv needs translated images; --source-only has none")
+    args.private_conv = args.private_conv and not args.source_only  # source-only: one T, no translated images
     weights = [f"{k.replace('_weight', '').replace('task_in_g', 'task-in-G')} {getattr(args, k):g}"
                for k, v in OFFICIAL_WEIGHTS.items() if getattr(args, k) != v]
-    if args.mask_threshold != 0.0:  # the content loss over another set of pixels
+    if args.mask_threshold != 0.0 and args.content_weight:  # the content loss over another set of pixels
         weights.append("PMSE on every pixel" if args.mask_threshold < -1 else f"mask > {args.mask_threshold:g}")
-    args.variant = "source-only" if args.source_only else ("pixelda" + ("+private-conv" if args.private_conv else "") +
-                                                           (f" ({', '.join(weights)})" if weights else ""))
+    weights += [] if args.private_conv else ["shared first conv"]
+    args.variant = "source-only" if args.source_only else "pixelda" + (f" ({', '.join(weights)})" if weights else "")
     return args
 
 
 # ALGO LOGIC: the method's own pieces
+def batch_norm(ch, dims=2):
+    """slim's batch norm as the release configures it: a shift (beta), no scale (gamma stays 1), eps 1e-3, decay 0.9."""
+    bn = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(ch, eps=1e-3, momentum=0.1)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+def task_tower(num_classes=10):
+    """The release's `mnist` task tower: conv5-32 (SAME), ReLU, pool 2/2, conv5-48 (SAME), ReLU, pool 2/2 (8x8x48 =
+    3,072 features) | fc100, ReLU, fc100, ReLU, fc10; no batch norm, no dropout. Its first conv is the one for G's
+    images and target images; `--private-conv` gives source images their own."""
+    return Backbone("pixelda_mnist", 3, 32, OrderedDict(
+        conv1=nn.Conv2d(3, 32, 5, padding=2), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 48, 5, padding=2), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2), flatten=nn.Flatten(),
+    ), OrderedDict(fc3=nn.Linear(48 * 8 * 8, 100), relu3=nn.ReLU(), fc4=nn.Linear(100, 100), relu4=nn.ReLU(),
+                   fc5=nn.Linear(100, num_classes)))
+
+
 def init_weights(m):
     """N(0, 0.02) weights, zero biases (official initialisation)."""
     if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -131,11 +148,11 @@ class Generator(nn.Module):
     def __init__(self, in_ch=3, out_ch=3, size=32, noise_dim=10, blocks=6):
         super().__init__()
         self.size, self.noise_dim = size, noise_dim
-        self.project = nn.Sequential(nn.Linear(noise_dim, size * size), nn.BatchNorm1d(size * size), nn.ReLU())
+        self.project = nn.Sequential(nn.Linear(noise_dim, size * size), batch_norm(size * size, 1), nn.ReLU())
         self.stem = nn.Sequential(nn.Conv2d(in_ch + 1, 64, 3, padding=1), nn.ReLU())
         self.blocks = nn.ModuleList(nn.Sequential(
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64, momentum=0.1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64, momentum=0.1)) for _ in range(blocks))
+            nn.Conv2d(64, 64, 3, padding=1), batch_norm(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), batch_norm(64)) for _ in range(blocks))
         self.head = nn.Sequential(nn.Conv2d(64, out_ch, 1), nn.Tanh())
 
     def forward(self, x, z):
@@ -153,7 +170,7 @@ class Discriminator(nn.Module):
         super().__init__()
         layers, ch = [nn.Conv2d(in_ch, 64, 3, padding=1)], 64
         while size > 4:
-            layers += [nn.Sequential(nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), nn.BatchNorm2d(2 * ch))]
+            layers += [nn.Sequential(nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), batch_norm(2 * ch))]
             ch, size = 2 * ch, size // 2
         self.layers = nn.ModuleList(layers)
         self.fc = nn.Linear(ch * size * size, 1)
@@ -189,19 +206,12 @@ def generator_gan_loss(d_net, fake):
     return F.binary_cross_entropy_with_logits(d_net(fake), torch.ones(len(fake), device=fake.device))
 
 
-def task_logits(t_net, x, first_conv=None):
-    """T(x); `first_conv` replaces T's first conv (the private tower for source images)."""
-    if first_conv is None:
-        return t_net(x)
-    h = first_conv(x)
-    for layer in list(t_net.features)[1:]:
-        h = layer(h)
-    return t_net.classifier(h)
-
-
 def clip_and_step(opt, params, clip):
+    """Clip each parameter tensor's gradient to norm `clip` (slim's clip_gradient_norms, per tensor), then step."""
     if clip > 0:
-        nn.utils.clip_grad_norm_(params, clip)
+        for p in params:
+            if p.grad is not None:
+                nn.utils.clip_grad_norm_(p, clip)
     opt.step()
 
 
@@ -227,7 +237,7 @@ def main(args):
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 32, 3, device)  # T, G and D work on 32x32 RGB
-    t_net = build_backbone("dann_mnist", len(src.classes))
+    t_net = task_tower(len(src.classes))
     run_dir = make_run_dir(args, "pixelda")
     write_args(run_dir, args, source=src.name, target=tgt.name)
 
@@ -240,8 +250,9 @@ def main(args):
     for net in (g_net, d_net, t_net):
         net.apply(init_weights)
     t_net, g_net, d_net = t_net.to(device), g_net.to(device), d_net.to(device)
-    private = nn.Conv2d(ch, t_net.features[0].out_channels, t_net.features[0].kernel_size).to(device) \
-        if args.private_conv else None
+    private = nn.Conv2d(ch, 32, 5, padding=2).to(device) if args.private_conv else None  # source images' conv1
+    # T as applied to source images: their private first conv (if any), then T's shared layers (the same modules)
+    s_net = nn.Sequential(private, *list(t_net.features)[1:], t_net.classifier) if private is not None else t_net
     if private is not None:
         private.apply(init_weights)
     t_params = list(t_net.parameters()) + (list(private.parameters()) if private is not None else [])
@@ -249,6 +260,7 @@ def main(args):
     opt_t = torch.optim.Adam(t_params, weight_decay=args.weight_decay, **adam)
     opt_d = torch.optim.Adam(d_net.parameters(), **adam)
     opt_g = torch.optim.Adam(g_net.parameters(), weight_decay=args.weight_decay, **adam)
+    d_params, g_params = list(d_net.parameters()), [p for p in g_net.parameters() if p.requires_grad]
     opts = (opt_t,) if args.source_only else (opt_t, opt_d, opt_g)
     scheds = [torch.optim.lr_scheduler.StepLR(o, args.lr_decay_steps, args.lr_decay) for o in opts]
     print(f"pixelda {args.task} ({args.variant}) | {src} -> {tgt} | T {count_params(t_net):,} G {count_params(g_net):,} "
@@ -258,7 +270,7 @@ def main(args):
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
 
     def evaluate():  # a curve only: never used for selection
-        return evaluate_domains(t_net, src, tgt, **ev)
+        return evaluate_domains(t_net, src, tgt, source_model=s_net, **ev)
 
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
@@ -271,8 +283,9 @@ def main(args):
                  s_sampler=s_sampler, t_sampler=t_sampler, g=g, grid_g=grid_g, meter=meter)
     t_net.train(), g_net.train(), d_net.train()
 
-    def train_step(idx, t_idx=None):
-        """One step of D and T, then one of G; idx, t_idx: the source and target images of this step."""
+    def train_step(idx, t_idx=None, g_idx=None):
+        """One step of D and T, then one of G; idx, t_idx: the source and target images of the D step, g_idx: the
+        source images of the G step (the release draws a fresh batch and z for each of its two train ops)."""
         xs, ys = to_float(src.train_x[idx]), src.train_y[idx]
         if args.source_only:
             with autocast(device, args.amp):
@@ -288,23 +301,26 @@ def main(args):
 
             # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
             loss_d = args.domain_weight * discriminator_loss(d_net, xt, fake)
-            logits_fake = task_logits(t_net, fake.detach())
-            loss_t = F.cross_entropy(task_logits(t_net, xs, private), ys) + F.cross_entropy(logits_fake, ys)
+            logits_fake = t_net(fake.detach())
+            loss_t = F.cross_entropy(s_net(xs), ys) + F.cross_entropy(logits_fake, ys)
         opt_d.zero_grad(set_to_none=True)
         opt_t.zero_grad(set_to_none=True)
         (loss_d + loss_t).backward()
-        clip_and_step(opt_d, d_net.parameters(), args.clip)
+        clip_and_step(opt_d, d_params, args.clip)
         clip_and_step(opt_t, t_params, args.clip)
 
-        # G step: fool D, keep the foreground's shape (masked PMSE), keep the class for T
+        # G step, on a fresh source batch and z: fool D, keep the class for T (and, with --content-weight, the
+        # foreground's shape: masked PMSE)
+        xs_g, ys_g = to_float(src.train_x[g_idx]), src.train_y[g_idx]
+        z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
         with autocast(device, args.amp):
-            mask = (xs.mean(1, keepdim=True) > args.mask_threshold)
-            loss_g = args.domain_weight * generator_gan_loss(d_net, fake)
-            loss_c = masked_pmse(fake, xs, mask)
-            loss_gt = F.cross_entropy(task_logits(t_net, fake), ys)
+            fake_g = g_net(xs_g, z).expand_as(xs_g)
+            loss_g = args.style_weight * generator_gan_loss(d_net, fake_g)
+            loss_c = masked_pmse(fake_g, xs_g, xs_g.mean(1, keepdim=True) > args.mask_threshold)
+            loss_gt = F.cross_entropy(t_net(fake_g), ys_g)
         opt_g.zero_grad(set_to_none=True)
-        (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward()
-        clip_and_step(opt_g, g_net.parameters(), args.clip)
+        (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward(inputs=g_params)
+        clip_and_step(opt_g, g_params, args.clip)
         return dict(loss_t=loss_t, loss_d=loss_d, loss_g=loss_g, pmse=loss_c,
                     t_acc_on_fake=(logits_fake.argmax(1) == ys).float().mean())
 
@@ -313,7 +329,7 @@ def main(args):
         # ALGO LOGIC
         lr = opts[0].param_groups[0]["lr"]  # (a recorded step holds its learning rate: the staircase records anew)
         stats = train_step(s_sampler.next(), key=lr) if args.source_only else \
-            train_step(s_sampler.next(), t_sampler.next(), key=lr)
+            train_step(s_sampler.next(), t_sampler.next(), s_sampler.next(), key=lr)
         for s in scheds:
             s.step()
 
@@ -325,7 +341,7 @@ def main(args):
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    final = evaluate_domains(t_net, src, tgt, final=True, **ev)
+    final = evaluate_domains(t_net, src, tgt, final=True, source_model=s_net, **ev)
     meter.write(step=args.steps, **final)
     shares = predict_target(run_dir, t_net, src, tgt, **ev)  # label-free: each class's share
     if not args.source_only:
