@@ -314,6 +314,7 @@ def main(args):
     own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
     loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
     run_dir = make_run_dir(args, "calibrator")
+    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
     write_args(run_dir, args, source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name,
                target=tgt.name)
     print(f"calibrator {args.task} | {src} -> {tgt} | {args.backbone} {count_params(f_s):,} params | {device} | "
@@ -362,7 +363,7 @@ def main(args):
         return torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" else feat_c(x)
 
     def evaluate(final=False):  # F_s o G_c; during training a curve only, never used for selection
-        rec = evaluate_domains(nn.Sequential(g_c, f_s), src, tgt, final, **ev)
+        rec = evaluate_domains(nn.Sequential(g_c, f_s), src, tgt, final, keep_best=best, **ev)
         g_c.train(), f_s.train(args.source_bn == "train")  # accuracy() restored the Sequential's mode on both
         return rec
 

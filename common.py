@@ -832,6 +832,9 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
                    help="continue a stopped run from its last checkpoint, with its own flags (only --device, "
                         "--threads, --data-dir, --cache-dir and --no-download may change)")
     g.add_argument("--no-save-model", action="store_true", help="do not write the model files")
+    g.add_argument("--keep-best", default=None, metavar="VALIDATOR",
+                   help="also save model_best.pt whenever this label-free score improves at an evaluation: "
+                        "source_val_acc, entropy, im, bnm or snd (summary.json's `selection` says what each picks)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
     g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
@@ -864,6 +867,8 @@ def parse(p, argv=None):
         a = argv.pop(0)
         joined.append(f"{a}={argv.pop(0)}" if a == "--input-range" and argv and argv[0] in INPUT_RANGES else a)
     args = p.parse_args(joined)
+    if args.keep_best is not None and args.keep_best not in VALIDATORS:
+        raise UsageError(f"--keep-best '{args.keep_best}' is not a validator: choose from {', '.join(VALIDATORS)}")
     if args.resume:
         run_dir = Path(args.resume)
         if (run_dir / "summary.json").exists():
@@ -1128,16 +1133,21 @@ class GraphedStep:
 
 
 @torch.inference_mode()
-def predict(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
-    """Predicted labels for uint8 images, in big batches, with the model in eval mode (its mode is restored)."""
+def logits(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
+    """The model's outputs (float32) for uint8 images, in big batches, in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
-    preds = []
+    out = []
     with autocast(x_uint8.device, amp):
         for chunk in x_uint8.split(batch_size):
-            preds.append(model(to_float(chunk, input_range)).argmax(1))
+            out.append(model(to_float(chunk, input_range)).float())
     model.train(was_training)
-    return torch.cat(preds)
+    return torch.cat(out)
+
+
+def predict(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
+    """Predicted labels for uint8 images (see logits)."""
+    return logits(model, x_uint8, batch_size, amp, input_range).argmax(1)
 
 
 def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
@@ -1147,15 +1157,72 @@ def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
     return (predict(model, x_uint8, batch_size, amp, input_range) == y).float().mean().item() * 100.0
 
 
-def evaluate_domains(model, src, tgt, final=False, source_model=None, **ev):
+# Label-free model selection: every score "higher is better", none reads a target label.
+VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")
+SELECTION_IMAGES = 2000  # target training images the scores are computed on (a fixed subset, the same every run)
+
+
+def validator_scores(target_logits, source_val_acc=float("nan"), tau=0.05):
+    """Label-free scores of a model from its outputs (as ranked by Musgrave, Belongie & Lim, arXiv 2208.07360).
+    source_val_acc: accuracy on held-out labelled source images (given). From the target logits (N x C), with
+    P = softmax and H the entropy: entropy = -mean_i H(p_i); im = H(mean_i p_i) - mean_i H(p_i) (information
+    maximisation: confident and class-balanced); bnm = ||P||_* / N (nuclear norm, Cui et al., CVPR 2020); snd = soft
+    neighbourhood density (Saito et al., ICCV 2021): rows of P L2-normalised, S = P P^T / tau with the diagonal
+    masked, row softmax, mean row entropy."""
+    p = F.softmax(target_logits.float(), 1)
+    ent = lambda q: -torch.special.xlogy(q, q).sum(-1)  # noqa: E731  (0 log 0 = 0)
+    h = ent(p).mean()
+    q = F.normalize(p, dim=1)
+    s = (q @ q.t() / tau).fill_diagonal_(float("-inf"))
+    return {"source_val_acc": float(source_val_acc), "entropy": float(-h), "im": float(ent(p.mean(0)) - h),
+            "bnm": float(torch.linalg.matrix_norm(p, "nuc") / len(p)), "snd": float(ent(F.softmax(s, 1)).mean())}
+
+
+def evaluate_domains(model, src, tgt, final=False, source_model=None, keep_best=None, **ev):
     """Target test and source test accuracy of `model` (and the --target-val accuracy): during training a curve
     ('target_test_acc_curve', never used for selection), at the end the final model's ('target_test_acc').
-    `source_model`, if given, is the model the method applies to source images (PixelDA's private source tower)."""
+    `source_model`, if given, is the model the method applies to source images (PixelDA's private source tower).
+    Beside them the label-free validators (validator_scores) on SELECTION_IMAGES target *training* images, and
+    source_val_acc = the source test accuracy (held-out labelled source images). keep_best = (validator, path):
+    the model's state_dict is saved to path (model_best.pt) whenever that validator's score beats the best so far
+    (kept beside it in path.json, so a resumed run continues the comparison)."""
     rec = {"target_test_acc" if final else "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
            "source_test_acc": accuracy(source_model or model, src.test_x, src.test_y, **ev)}
     if tgt.val_x is not None:
         rec["target_val_acc"] = accuracy(model, tgt.val_x, tgt.val_y, **ev)
+    if len(tgt.train_x) > 1:
+        pick = torch.randperm(len(tgt.train_x), generator=torch.Generator().manual_seed(0))[:SELECTION_IMAGES]
+        rec.update(validator_scores(logits(model, tgt.train_x[pick.to(tgt.train_x.device)], **ev),
+                                    rec["source_test_acc"]))
+    if keep_best and keep_best[0] and math.isfinite(rec.get(keep_best[0], float("nan"))):
+        name, path = keep_best[0], Path(keep_best[1])
+        best = path.with_suffix(".json")
+        if not best.exists() or rec[name] > json.loads(best.read_text())["score"]:
+            atomic_torch_save({"model": model.state_dict(), "validator": name, "score": rec[name]}, path)
+            atomic_write_json(_no_nan({"validator": name, "score": rec[name], **rec}), best)
     return rec
+
+
+def selection(run_dir):
+    """The summary's `selection` block, from metrics.jsonl's evaluations (every --eval-every and the final one):
+    for `final` and for each validator the step it picks (argmax of its score; NaN never picked, the earliest of
+    equal scores) and the target test accuracy there; `oracle` picks by that accuracy itself, which reads the
+    target test labels: for reference only."""
+    path = Path(run_dir) / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    recs = [dict(r, acc=r.get("target_test_acc", r.get("target_test_acc_curve"))) for r in recs
+            if "target_test_acc" in r or "target_test_acc_curve" in r]
+    if not recs:
+        return None
+    pick = lambda r, score=None: {"step": r["step"], "target_acc": r["acc"],  # noqa: E731
+                                  **({"score": round(r[score], 5)} if score else {})}
+    out = {"final": pick(recs[-1])}
+    for v in VALIDATORS:
+        cands = [r for r in recs if isinstance(r.get(v), (int, float)) and math.isfinite(r[v])]
+        out[v] = pick(max(cands, key=lambda r: r[v]), v) if cands else None
+    labelled = [r for r in recs if isinstance(r["acc"], (int, float))]
+    out["oracle"] = dict(pick(max(labelled, key=lambda r: r["acc"])), uses_target_test_labels=True) if labelled else None
+    return out
 
 
 @torch.inference_mode()
@@ -1472,6 +1539,7 @@ def finish(run_dir, summary, meter, t_start, device, final=None, domains=None):
                            "the source training images (no --source-test-dir)",
                            "target_acc_on": "target test folder" if tgt.test_split == "test" else
                            "nothing: no --target-test-dir, so no target accuracy (see predictions.csv)"}
+    summary["selection"] = selection(run_dir)
     summary = dict(_no_nan(summary), train_steps_per_sec=meter.steps_per_sec if meter else None,
                    seconds=round(time.time() - t_start, 1), device=str(device), run_dir=str(run_dir), versions=versions())
     atomic_write_json(summary, Path(run_dir) / "summary.json")

@@ -195,6 +195,7 @@ def main(args):
     labelled = IndexSampler(len(pool_x), half, device, g)
     unlabelled = IndexSampler(len(tgt.train_x), half, device, g)
     run_dir = make_run_dir(args, "dann")
+    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
     write_args(run_dir, args, source=src.name, target=tgt.name)
 
     # ALGO LOGIC: networks and optimiser
@@ -212,7 +213,7 @@ def main(args):
         """Source validation error and domain-classifier error (the paper's unsupervised selection signals), and
         the target test accuracy (reported for the final model; during training a curve only, never for selection)."""
         rec = {"source_val_err": 100 - accuracy(model, val_x, val_y, **ev),
-               **evaluate_domains(model, src, tgt, final, **ev)}
+               **evaluate_domains(model, src, tgt, final, keep_best=best, **ev)}
         if adapt:  # source images should be called 0 and target images 1; no labels of either are used
             xt = (tgt.test_x if len(tgt.test_x) else tgt.train_x)[:2000]  # a folder task may have no test images
             wrong = (predict(domain_net, val_x[:2000], **ev) != 0).sum() + (predict(domain_net, xt, **ev) != 1).sum()

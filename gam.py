@@ -373,6 +373,7 @@ def main(args):
     own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
     loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
     run_dir = make_run_dir(args, "gam")
+    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
     write_args(run_dir, args, source=src.name, target=tgt.name)
     print(f"gam {args.task} ({args.variant}) | {src} -> {tgt} | lenet {count_params(f_s):,} params | {device} | "
           f"run folder {run_dir}", flush=True)
@@ -414,7 +415,7 @@ def main(args):
         t_sampler = IndexSampler(len(tgt_x), args.batch_size, device, g)
 
         def evaluate():  # a curve only: never used for selection
-            return evaluate_domains(f_t, src, tgt, **ev)
+            return evaluate_domains(f_t, src, tgt, keep_best=best, **ev)
 
         def restart(it):  # --restart-emptied: the whole GAN stage again from iteration `it` on, with its full length:
             f_t.load_state_dict(start[0])  # F^t from its Gaussian-matched start, fresh discriminators (pre-trained
@@ -482,7 +483,7 @@ def main(args):
             save_checkpoint(run_dir, it, args.ckpt_every, total + sched["offset"], state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    final = evaluate_domains(f_t, src, tgt, final=True, **ev)
+    final = evaluate_domains(f_t, src, tgt, final=True, keep_best=best, **ev)
     # the official scripts' split: the target *training* images F^t adapted on (their labels unused in training)
     train_acc = accuracy(f_t, tgt.train_x, tgt.train_y, **ev) if args.task != "folder" else float("nan")
     steps = args.steps if args.mode == "gam" else 0

@@ -270,6 +270,7 @@ def main(args):
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 32, 1, device)  # 32x32 gray
     run_dir = make_run_dir(args, "i2i_adapt")
+    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
     write_args(run_dir, args, source=src.name, target=tgt.name)
 
     # ALGO LOGIC: the networks some switched-on loss needs, two optimisers (generator side, critics)
@@ -294,7 +295,7 @@ def main(args):
         return x
 
     def evaluate(final=False):  # during training a curve only: never used for selection
-        rec = evaluate_domains(model, src, tgt, final, **ev)
+        rec = evaluate_domains(model, src, tgt, final, keep_best=best, **ev)
         nets.train()  # accuracy() put the Sequential's modules back in its own mode
         return rec
 

@@ -239,6 +239,7 @@ def main(args):
     src, tgt = load_task(args, 32, 3, device)  # T, G and D work on 32x32 RGB
     t_net = task_tower(len(src.classes))
     run_dir = make_run_dir(args, "pixelda")
+    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
     write_args(run_dir, args, source=src.name, target=tgt.name)
 
     # ALGO LOGIC: G, D, T (official initialisation), Adam with a staircase decay for each
@@ -270,7 +271,7 @@ def main(args):
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
 
     def evaluate():  # a curve only: never used for selection
-        return evaluate_domains(t_net, src, tgt, source_model=s_net, **ev)
+        return evaluate_domains(t_net, src, tgt, source_model=s_net, keep_best=best, **ev)
 
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
@@ -341,7 +342,7 @@ def main(args):
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    final = evaluate_domains(t_net, src, tgt, final=True, source_model=s_net, **ev)
+    final = evaluate_domains(t_net, src, tgt, final=True, source_model=s_net, keep_best=best, **ev)
     meter.write(step=args.steps, **final)
     shares = predict_target(run_dir, t_net, src, tgt, **ev)  # label-free: each class's share
     if not args.source_only:
