@@ -4,6 +4,8 @@
     python benchmark.py --methods dann --tasks mnist-mnistm --seeds 0 1 2 --jobs 2 -- --lambda-max 0
     python benchmark.py --overhead --tasks mnist-mnistm --overhead-steps 300     # loop overhead vs bare networks
     python benchmark.py --speed --device cuda --methods dann gam calibrator i2i_adapt pixelda --tasks mnist-usps
+    python benchmark.py --plan paper --launcher submitit --partition gpu --no-wait    # a SLURM job array
+    python benchmark.py --collect runs/benchmark                                     # rows from finished run folders
 
 Everything after `--` is passed to every run; `{task}` and `{seed}` in it are replaced by the run's task and seed
 (e.g. gam.py's per-seed stage-1 cache: `-- --source-ckpt ckpt/gam_{task}_{seed}.pt`). Each (method, task, extra flags) is one row; re-running the same
@@ -12,11 +14,15 @@ runs appear. Each run's stdout/stderr is kept under <out>/logs/.
 """
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +67,6 @@ PAPER = {
     # PixelDA (paper Tables 1-2), 500k steps
     ("pixelda", "mnist-mnistm", "pixelda"): 98.2, ("pixelda", "mnist-mnistm", "source-only"): 63.6,
     ("pixelda", "mnist-usps", "pixelda"): 95.9, ("pixelda", "mnist-usps", "source-only"): 78.9,
-    ("pixelda", "mnist-usps", "pixelda (content 1.13, task-in-G 1.01)"): 95.9,  # the weights chosen for USPS
 }
 PAPER_NOTES = {
     ("dann", "mnist-usps"): "not in the paper (TLlib's DANN+LeNet: 91.7, selected on target test)",
@@ -119,6 +124,30 @@ def parse_args():
                    help="for --speed: " + ", ".join(f"{k} ({' '.join(v) or 'no flag'})" for k, v in SPEED_MODES.items())
                    + "; default: eager on the CPU, all of them on CUDA (with --compile its compile time is included)")
     p.add_argument("--speed-steps", type=int, default=500, help="training steps per --speed run")
+    p.add_argument("--collect", metavar="OUT", default=None, help="start nothing: (re)build the results store and "
+                   "RESULTS.md from the finished runs under OUT (their run folders' summary.json)")
+    p.add_argument("--launcher", default="local", choices=["local", "submitit"],
+                   help="local: a pool of subprocesses on this machine (--jobs); submitit: one job per run, "
+                        "submitted as SLURM job arrays through submitit (see the group below)")
+    g = p.add_argument_group("--launcher submitit (each submitit flag becomes the #SBATCH line in brackets)")
+    g.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local"],
+                   help="submitit's AutoExecutor: slurm where sbatch/srun exist (auto), or local (the same jobs as "
+                        "processes on this machine, for tests)")
+    g.add_argument("--partition", default=None, help="SLURM partition (--partition)")
+    g.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per run (--gpus-per-node)")
+    g.add_argument("--cpus-per-job", type=int, default=4, help="CPU cores per run (--cpus-per-task)")
+    g.add_argument("--mem-gb", type=float, default=16, help="memory per run in GB (--mem)")
+    g.add_argument("--timeout-min", type=int, default=240, help="time limit per job in minutes (--time); a run cut "
+                   "by it is requeued and continues from its last checkpoint")
+    g.add_argument("--array-parallelism", type=int, default=64, help="runs at once per array (--array=0-N%%P)")
+    g.add_argument("--max-array", type=int, default=1000,
+                   help="runs per job array (SLURM's MaxArraySize is often 1001); a larger grid is several arrays")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="each run's --ckpt-every (steps between checkpoints)")
+    g.add_argument("--log-folder", default=None, help="submitit's job files and logs (default: <out>/submitit)")
+    g.add_argument("--snapshot", action="store_true",
+                   help="run the jobs on a copy of this repository taken at submit time (later edits change nothing)")
+    g.add_argument("--no-wait", action="store_true",
+                   help="submit, print the job ids and return; `--collect <out>` builds the rows later")
     args = p.parse_args(argv)
     args.extra = extra
     return args
@@ -129,7 +158,6 @@ def parse_args():
 # networks are cached per task and seed and shared by a method's variants.
 SO_I2I = ["--lambda-z", "0", "--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-id-y", "0", "--lambda-cyc", "0",
           "--lambda-trc", "0"]
-PIXELDA_USPS = ["--task-in-g-weight", "1.01", "--content-weight", "1.13"]
 PLANS = {"paper": [
     ("dann", ["mnist-mnistm", "mnist-usps", "usps-mnist"], []),
     ("dann", ["mnist-mnistm"], ["--lambda-max", "0"]),
@@ -140,8 +168,7 @@ PLANS = {"paper": [
     ("i2i_adapt", ["mnist-usps", "usps-mnist"], []),
     ("i2i_adapt", ["mnist-usps", "usps-mnist"], ["--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-cyc", "0"]),
     ("i2i_adapt", ["mnist-usps", "usps-mnist"], SO_I2I),
-    ("pixelda", ["mnist-mnistm"], []),
-    ("pixelda", ["mnist-usps"], PIXELDA_USPS),  # MNIST->USPS: weights chosen on --target-val (pixelda's docstring)
+    ("pixelda", ["mnist-mnistm", "mnist-usps"], []),  # the official MNIST->MNIST-M weights on both tasks
     ("pixelda", ["mnist-mnistm", "mnist-usps"], ["--source-only"]),
 ]}
 
@@ -217,7 +244,8 @@ def fill(flags, task, seed):
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
               "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins",
-              "gan_restarts", "class_shares")
+              "gan_restarts", "class_shares", "selection", "evals")
+VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")  # common.VALIDATORS (not imported: no torch here)
 
 
 def read_curve(run_dir):
@@ -234,6 +262,75 @@ def read_curve(run_dir):
     return curve or None
 
 
+def read_evals(run_dir):
+    """[{step, target acc, validator scores}, ...]: every evaluation a run logged (for the validators' rank
+    correlation with the target accuracy)."""
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
+        return None
+    evals = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        acc = rec.get("target_test_acc", rec.get("target_test_acc_curve"))
+        if acc is not None and any(v in rec for v in VALIDATORS):
+            evals.append({"step": rec["step"], "acc": acc, **{v: rec.get(v) for v in VALIDATORS}})
+    return evals or None
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 pairs or a constant side."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def selection_table(rows):
+    """Model selection without target labels: per row, the target test accuracy at the evaluation each validator
+    picks (summary.json's `selection`), mean ± std over seeds, beside the final model and the oracle (which picks by
+    the target test labels), and each validator's Spearman correlation with the target accuracy over all
+    evaluations of all the row's runs."""
+    out = []
+    for r in rows:
+        sels = [s for s in r.get("extra", {}).get("selection") or [] if s]
+        if not sels:
+            continue
+        evals = [e for run in r["extra"].get("evals") or [] if run for e in run]
+        cells = []
+        for k in ("final",) + VALIDATORS + ("oracle",):
+            accs = [s[k]["target_acc"] for s in sels if s.get(k) and s[k].get("target_acc") is not None]
+            cell = mean_std(accs) if accs else "—"
+            if k in VALIDATORS:
+                pairs = [(e[k], e["acc"]) for e in evals if isinstance(e.get(k), (int, float))]
+                rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+                cell += f" (ρ {rho:.2f})" if rho is not None else ""
+            cells.append(cell)
+        out.append(f"| {r['method']} | {r['task']} | {shown(r)} | {r['steps']} | {len(sels)} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "## Model selection without target labels", "",
+            "Target test accuracy of the checkpoint each label-free validator would pick among a run's evaluations",
+            "(every `--eval-every` steps and the final model; `summary.json`'s `selection`), mean ± std over seeds; ρ:",
+            "the validator's Spearman rank correlation with the target accuracy over all evaluations of the row's runs.",
+            "`oracle` picks by the target test labels themselves: a bound, not a method.", "",
+            "| method | task | variant | steps | seeds | final | source_val_acc | entropy | im | bnm | snd | oracle |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"] + out
+
+
 def merge_seeds(row, new):
     """A stored row's per-seed results plus the new runs (a re-run seed replaces its old result), sorted by seed."""
     by_seed = {}
@@ -247,19 +344,38 @@ def merge_seeds(row, new):
     return [by_seed[s] for s in sorted(by_seed)]
 
 
-def run_one(method, task, seed, extra, threads, out):
+_CHILD = None  # the running script's process (Cell.checkpoint stops it)
+
+
+def run_one(method, task, seed, extra, threads, out, cell=False, ckpt_every=None):
     """One run as a subprocess; its summary (plus the command and the accuracy curve), or None if it failed. A run of
     the same method, task, seed and flags that an earlier benchmark left stopped (its log names a run folder that
-    still has a checkpoint.pt and no summary) is continued with --resume instead of started again."""
+    still has a checkpoint.pt and no summary) is continued with --resume instead of started again. As a submitit
+    cell, one that finished is not run again (its summary is returned) and the script runs in a session of its own
+    (SLURM's warning signal is the cell's to handle). <out>/logs/<tag>.cell.json records
+    the run (method, task, seed, flags as given) for --collect. ckpt_every: the script's --ckpt-every, which changes
+    no result (not part of the row or its command)."""
+    global _CHILD
+    template = extra
     extra = fill(extra, task, seed)
     cmd = [sys.executable, str(HERE / f"{method}.py"), "--task", task, "--seed", str(seed), "--out", out]
     if "--threads" not in extra:
         cmd += ["--threads", str(threads)]
     cmd += extra
     shown = "python " + " ".join(shlex.quote(c) for c in [f"{method}.py"] + cmd[2:])
+    if Path(out).is_absolute() and Path(out).is_relative_to(HERE):  # the command as typed in the repository
+        shown = shown.replace(f"--out {shlex.quote(out)}", f"--out {shlex.quote(str(Path(out).relative_to(HERE)))}")
+    if ckpt_every and "--ckpt-every" not in extra:
+        cmd += ["--ckpt-every", str(ckpt_every)]
     logs = Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     tag = f"{method}__{task}__{seed}__{hashlib.sha1(json.dumps(extra).encode()).hexdigest()[:8]}"
+    (logs / f"{tag}.cell.json").write_text(json.dumps(dict(method=method, task=task, seed=seed, extra=template,
+                                                           threads=threads, command=shown)) + "\n")
+    done = finished_run(logs / f"{tag}.out") if cell else None
+    if done is not None:
+        print(f"finished before: {shown}", flush=True)
+        return done
     stopped = stopped_run(logs / f"{tag}.out")
     if stopped is not None:
         print(f"resuming {stopped}: {shown}", flush=True)
@@ -267,7 +383,8 @@ def run_one(method, task, seed, extra, threads, out):
         cmd = cmd[:2] + ["--resume", str(stopped)] + [x for c in keep for x in cmd[cmd.index(c):cmd.index(c) + 2]]
     t0 = time.time()
     with open(logs / f"{tag}.out", "a" if stopped else "w") as fo, open(logs / f"{tag}.err", "w") as fe:
-        rc = subprocess.run(cmd, stdout=fo, stderr=fe, cwd=HERE).returncode
+        _CHILD = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=HERE, start_new_session=cell)
+        rc = _CHILD.wait()
     lines = (logs / f"{tag}.out").read_text().strip().splitlines()
     if rc != 0 or not lines or not lines[-1].startswith("{"):
         err = (logs / f"{tag}.err").read_text().strip().splitlines()
@@ -277,19 +394,139 @@ def run_one(method, task, seed, extra, threads, out):
     print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']} "
           f"source {summary['source_acc']}", flush=True)
     run_dir = summary.get("run_dir")
-    return dict(summary, command=shown, curve=read_curve(HERE / run_dir if run_dir else None))
+    return dict(summary, command=shown, curve=read_curve(HERE / run_dir if run_dir else None),
+                evals=read_evals(HERE / run_dir if run_dir else None))
+
+
+def logged_run(log):
+    """The run folder a run's log names (its first line says where it writes), or None."""
+    if log.exists():
+        for line in log.read_text().splitlines()[:50]:
+            if "| run folder " in line:
+                return HERE / line.rsplit("| run folder ", 1)[1].strip()
+    return None
+
+
+def finished_run(log):
+    """The summary (with the command and the curve) of the run a log names, if that run folder has its summary.json."""
+    run = logged_run(log)
+    if run is None or not (run / "summary.json").exists():
+        return None
+    cell = json.loads(log.with_suffix(".cell.json").read_text())
+    return dict(json.loads((run / "summary.json").read_text()), command=cell["command"], curve=read_curve(run),
+                evals=read_evals(run))
+
+
+class Cell:
+    """One (method, task, seed, flags) run as one submitit job (one task of a SLURM job array). It runs the script as
+    a subprocess (run_one) and returns its summary. On SLURM's warning signal before a time limit or a preemption,
+    submitit calls checkpoint(): the script is stopped (its last --ckpt-every checkpoint is on disk) and the same cell
+    is requeued, which continues that run with --resume. A cell whose run finished is not run again."""
+
+    def __init__(self, method, task, seed, extra, threads, out, ckpt_every):
+        self.args = (method, task, seed, extra, threads, out)
+        self.ckpt_every = ckpt_every
+
+    def __call__(self):
+        return run_one(*self.args, cell=True, ckpt_every=self.ckpt_every)
+
+    def checkpoint(self):
+        if _CHILD is not None and _CHILD.returncode is None:  # (this runs in a signal handler that interrupted
+            _CHILD.terminate()  # _CHILD.wait(), whose lock it holds: the child is reaped with os.waitpid instead)
+            for _ in range(600):
+                try:
+                    if os.waitpid(_CHILD.pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.1)
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def submit(args, jobs):
+    """--launcher submitit: each job one Cell, submitted as SLURM job arrays of at most --max-array cells (or as local
+    processes with --cluster local). Returns each job's summary (None if it failed), or None after printing the job
+    ids with --no-wait. A bad setup stops with one line and exit code 2 before anything stays submitted."""
+    def stop(msg):
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    try:
+        import submitit
+    except ImportError:
+        stop("--launcher submitit needs the submitit package: pip install submitit")
+    if args.cluster == "slurm" and shutil.which("sbatch") is None:
+        stop("--cluster slurm: no sbatch on this machine's PATH (is SLURM installed here?)")
+    folder = Path(args.log_folder or Path(args.out) / "submitit").resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        stop(f"log folder {folder} is not writable ({e.strerror})")
+    code = snapshot(folder) if args.snapshot else HERE
+    out = str(Path(args.out).resolve())
+    os.chdir(code)  # the jobs start here: they import this module (Cell) and run the scripts from this copy
+    sys.path.insert(0, str(code))
+    import benchmark as module  # Cell by reference (benchmark.Cell), not a copy of __main__'s
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=None if args.cluster == "auto" else args.cluster)
+    local = executor.cluster != "slurm"
+    gpus = args.gpus_per_job
+    if local:  # a local "cluster" has what this machine has
+        import torch
+
+        gpus = min(gpus, torch.cuda.device_count())
+    executor.update_parameters(timeout_min=args.timeout_min, gpus_per_node=gpus, cpus_per_task=args.cpus_per_job,
+                               mem_gb=args.mem_gb, name="uda-benchmark", slurm_array_parallelism=args.array_parallelism,
+                               **({"slurm_partition": args.partition} if args.partition else {}))
+    cells = [module.Cell(m, t, s, extra, args.cpus_per_job, out, args.ckpt_every) for m, t, s, extra in jobs]
+    submitted = []
+    try:
+        for i in range(0, len(cells), args.max_array):
+            with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # (sbatch's error: in stop's line)
+                chunk = [executor.submit(c) for c in cells[i:i + args.max_array]]
+            submitted += chunk
+    except Exception as e:  # e.g. sbatch refused the partition: cancel what went in, so nothing runs half a grid
+        for job in submitted:
+            job.cancel(check=False)
+        msg = [line for line in str(e).splitlines() if "error" in line.lower()] or str(e).splitlines() or [repr(e)]
+        stop(f"submission failed, {len(submitted)} submitted jobs cancelled: {msg[0].strip()}")
+    ids = sorted({str(j.job_id).split("_")[0] for j in submitted})
+    print(f"submitted {len(submitted)} runs as {executor.cluster} job(s) {', '.join(ids)}; job files in {folder}",
+          flush=True)
+    if args.no_wait:
+        print(f"when they are done: python benchmark.py --collect {args.out} (finished runs so far are collected too)",
+              flush=True)
+        return None
+    results = []
+    for job in submitted:
+        try:
+            results.append(job.result())
+        except Exception as e:  # the job failed or was cancelled: reported, the others are kept
+            print(f"FAILED job {job.job_id}: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}",
+                  flush=True)
+            results.append(None)
+    return results
+
+
+def snapshot(folder):
+    """A copy of this repository's scripts (the .py files beside this one) for --snapshot: jobs run on the code of
+    submit time, whatever is edited afterwards."""
+    dest = folder / f"code_{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in HERE.glob("*.py"):
+        shutil.copy2(path, dest / path.name)
+    return dest
 
 
 def stopped_run(log):
     """The run folder named in a previous attempt's log, if that run stopped with a checkpoint and no summary."""
-    if not log.exists():
-        return None
-    for line in log.read_text().splitlines()[:50]:
-        if "| run folder " in line:
-            run = HERE / line.rsplit("| run folder ", 1)[1].strip()
-            if (run / "checkpoint.pt").exists() and not (run / "summary.json").exists():
-                return run
-    return None
+    run = logged_run(log)
+    return run if run is not None and (run / "checkpoint.pt").exists() and not (run / "summary.json").exists() else None
 
 
 def mean_std(values):
@@ -400,7 +637,7 @@ def render(store, path):
         per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
                         for s, a, v in zip(r["seeds"], r["target_acc"], val))
         out.append(f"- {r['method']} {r['task']} {shown(r)} ({r['steps']} steps): {per}")
-    out += tradeoff_table(rows) + curve_table(rows)
+    out += tradeoff_table(rows) + curve_table(rows) + selection_table(rows)
     out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
     out += [f"- {note}" for note in store.get("notes", [])] + ([""] if store.get("notes") else [])
     if store.get("overhead"):
@@ -445,8 +682,6 @@ def overhead(task, steps, threads, reps=3):
     """Steps/s of dann.main's training loop vs. a bare forward+backward+SGD step of the same networks on the same
     batch shapes (pre-made random tensors), in this one process, same threads; the two alternate `reps` times and
     the medians are compared."""
-    import contextlib
-    import io
 
     import torch
     import torch.nn.functional as F
@@ -494,6 +729,13 @@ def overhead(task, steps, threads, reps=3):
 def main():
     args = parse_args()
     store = load_store(args.results)
+    if args.collect:  # the run folders are the source of truth: rows from whatever finished, on any machine
+        done = collect(args.collect)
+        add_rows(store, done)
+        save_store(store, args.results)
+        render(store, args.markdown)
+        print(f"{len(done)} finished runs under {args.collect} -> {args.results}, {args.markdown}", flush=True)
+        return
     store["hardware"] = hardware()
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
     if args.speed:
@@ -531,15 +773,33 @@ def main():
             print(f"python {m}.py --task {t} --seed {s} " + " ".join(shlex.quote(e) for e in fill(extra, t, s)))
         print(f"{len(jobs)} runs", flush=True)
         return
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        results = list(pool.map(lambda j: run_one(*j[:3], j[3], threads, args.out), jobs))
+    if args.launcher == "submitit":
+        results = submit(args, jobs)
+        if results is None:  # --no-wait
+            return
+        threads = args.cpus_per_job
+    else:
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+            results = list(pool.map(lambda j: run_one(*j[:3], j[3], threads, args.out), jobs))
     store = load_store(args.results)  # again: another benchmark may have saved rows while these runs were going
     store["hardware"] = hardware()
+    add_rows(store, [(j + (threads,), r) for j, r in zip(jobs, results)])
+    save_store(store, args.results)
+    render(store, args.markdown)
+    failed = sum(r is None for r in results)
+    if failed:
+        sys.exit(f"error: {failed} of {len(results)} runs failed; see {args.out}/logs")
+
+
+def add_rows(store, done):
+    """Store one row per (method, task, flags) from finished runs, done = [((method, task, seed, flags, threads),
+    summary or None)]; a stored row with the same flags and steps keeps its other seeds (a re-run seed is replaced)."""
     groups = {}
-    for (m, t, s, extra), r in zip(jobs, results):
+    for (m, t, s, extra, threads), r in done:
         if r is not None:
-            groups.setdefault((m, t, tuple(extra)), []).append(r)
-    for (m, t, extra), rs in groups.items():
+            groups.setdefault((m, t, tuple(extra), threads), []).append(r)
+    for (m, t, extra, threads), rs in groups.items():
+        extra = list(extra)
         rs.sort(key=lambda r: r["seed"])
         key = row_key(m, t, extra)
         old = store["rows"].get(key)
@@ -558,11 +818,18 @@ def main():
         }
         print(f"{m} {t} {rs[0].get('variant', '')}: target {mean_std(store['rows'][key]['target_acc'])} "
               f"source {mean_std(store['rows'][key]['source_acc'])}", flush=True)
-    save_store(store, args.results)
-    render(store, args.markdown)
-    failed = sum(r is None for r in results)
-    if failed:
-        sys.exit(f"error: {failed} of {len(results)} runs failed; see {args.out}/logs")
+
+
+def collect(out):
+    """((method, task, seed, flags, threads), summary) of every finished run under `out` (its logs' cell records
+    and the run folders they name): the run folders are the source of truth, whichever launcher started them."""
+    done = []
+    for path in sorted(Path(out, "logs").glob("*.cell.json")):
+        cell = json.loads(path.read_text())
+        r = finished_run(path.with_name(path.name.replace(".cell.json", ".out")))
+        if r is not None:
+            done.append(((cell["method"], cell["task"], cell["seed"], cell["extra"], cell["threads"]), r))
+    return done
 
 
 def row_key(method, task, extra):

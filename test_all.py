@@ -161,7 +161,7 @@ def run_script(args, env, cwd, timeout=600):
 
 SCRIPTS = {"dann": dann, "gam": gam, "calibrator": calibrator, "i2i_adapt": i2i_adapt, "pixelda": pixelda}
 SUMMARY_KEYS = {"method", "task", "seed", "steps", "target_acc", "source_acc", "seconds", "device", "versions",
-                "train_steps_per_sec", "run_dir", "class_shares"}
+                "train_steps_per_sec", "run_dir", "class_shares", "selection"}
 
 
 @pytest.fixture()
@@ -180,6 +180,9 @@ def run_main(module, argv, capsys):
     run = Path(summary["run_dir"])
     assert json.loads((run / "summary.json").read_text()) == summary and SUMMARY_KEYS <= set(summary)
     assert not list(run.glob(".*tmp")) and not (run / "checkpoint.pt").exists()
+    sel = summary["selection"]  # every script: what each label-free validator would have picked
+    assert sel is None or ({"final", "oracle", *common.VALIDATORS} <= set(sel) and sel["final"]["step"] >= 0 and
+                           all(sel[v] is None or "score" in sel[v] for v in common.VALIDATORS))
     return summary, run, out
 
 
@@ -676,7 +679,8 @@ BAD_FLAGS = [
     ("calibrator", ["--linf", "0"], "--linf"), ("calibrator", ["--patch", "40"], "--patch"),
     ("calibrator", ["--betas", "0.5"], "--betas"), ("calibrator", ["--calib-dropout", "1"], "--calib-dropout"),
     ("i2i_adapt", ["--lambda-c", "0", "--lambda-trc", "0"], "untrained"), ("i2i_adapt", ["--lambda-z", "-1"], ">= 0"),
-    ("i2i_adapt", ["--critic-steps", "0"], "--critic-steps"), ("pixelda", ["--source-only", "--private-conv"], "--private-conv"),
+    ("i2i_adapt", ["--critic-steps", "0"], "--critic-steps"), ("pixelda", ["--style-weight", "-1"], "--style-weight"),
+    ("calibrator", ["--weight-decay", "-1"], "--weight-decay"), ("dann", ["--keep-best", "oracle"], "--keep-best"),
     ("pixelda", ["--batch-size", "1"], "--batch-size"), ("pixelda", ["--lr-decay-steps", "0"], "--lr-decay-steps"),
     ("i2i_adapt", ["--resume", "nowhere"], "--resume"),
 ]
@@ -1035,6 +1039,32 @@ def test_gam_adversarial_directions():
     assert p_source({"fc4": f_t(x_t)}) > t1
 
 
+def test_gam_official_update_halves_the_adversarial_gradient_and_updates_both_from_one_forward():
+    """--gan-update official (train_adda.py): D and F^t step from the same forward; F^t's mapping loss is the mean over
+    all 2B rows with inverted labels, so its gradient is half the target-rows-only mean's (the alternating update's
+    F^t loss on the same, not yet updated, discriminators); the source network never changes."""
+    f_s, f_t = _lenet_pair()
+    f_s.requires_grad_(False)
+    torch.manual_seed(1)
+    discs = nn.ModuleDict({"relu3": gam.discriminator(500), "fc4": gam.discriminator(10)})
+    x_s, x_t, w = torch.rand(16, 1, 28, 28), torch.rand(16, 1, 28, 28) * 0.5, {"relu3": 0.1, "fc4": 1.0}
+    with torch.no_grad():
+        a_s = f_s.activations(x_s)
+    alt = copy.deepcopy(f_t)  # the alternating update's F^t gradient, from the same discriminators
+    a_alt = alt.activations(x_t)
+    sum(v * nn.functional.cross_entropy(discs[k](a_alt[k].flatten(1)), torch.zeros(16, dtype=torch.long))
+        for k, v in w.items()).backward()
+    s0, t0, d0 = _params(f_s), _params(f_t), _params(discs)
+    opt_d, opt_t = torch.optim.SGD(discs.parameters(), lr=0.1), torch.optim.SGD(f_t.parameters(), lr=1.0)
+    gam.adversarial_step(f_t, discs, opt_d, opt_t, a_s, f_t.activations(x_t), w, t0, 0.0, True)
+    assert _same(f_s, s0) and not _same(discs, d0)
+    for p, p0, q in zip(f_t.parameters(), t0, alt.parameters()):  # SGD lr 1: the step is minus the gradient
+        assert torch.allclose(p0 - p, 0.5 * q.grad, atol=1e-6)
+    d1, t1 = _params(discs), _params(f_t)  # during the discriminators' pre-training F^t stays
+    gam.adversarial_step(f_t, discs, opt_d, opt_t, a_s, f_t.activations(x_t), w, t1, 1.0, False)
+    assert _same(f_t, t1) and not _same(discs, d1)
+
+
 def test_gam_converged_schedule_waits_for_the_discriminator_loss_to_flatten():
     window, tol = 2, 0.05
     sched = dict(since=0, sum=0.0, prev=-1.0)
@@ -1241,6 +1271,16 @@ def test_calibrator_smoke_keeps_the_source_classifier_frozen(source_bn, data_env
     assert any("target_test_acc_curve" in r for r in recs) and recs[-1]["step"] == 12
     args = json.loads((run / "args.json").read_text())  # the official mnist-usps config, resolved
     assert (args["linf"], args["patch"], args["width"], args["source_wd"]) == (0.4, 4, 2, 5e-4)
+    assert (args["weight_decay"], args["adam_betas"], args["init"]) == (5e-4, [0.9, 0.999], "official")
+
+
+def test_calibrator_official_initialisation():
+    torch.manual_seed(0)
+    for net in (calibrator.Calibrator(3, width=8, blocks=2), calibrator.pixel_discriminator(4, 3, 128)):
+        net.apply(calibrator.init_weights)
+        ws = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))])
+        assert abs(ws.std().item() - 0.02) < 0.002 and all(
+            (m.bias == 0).all() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1304,9 +1344,48 @@ def test_pixelda_gan_losses_point_in_opposite_directions():
     assert fake.grad is None
 
 
+def test_pixelda_task_tower_and_batch_norm_are_the_releases():
+    """The release's mnist tower: SAME convolutions, 8x8x48 = 3,072 features; slim's batch norm: no scale, eps 1e-3."""
+    t = pixelda.task_tower()
+    assert t.feature_dim == 3072 and t(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    bn = pixelda.batch_norm(8)
+    assert not bn.weight.requires_grad and bn.bias.requires_grad and bn.eps == 1e-3 and bn.momentum == 0.1
+    g_net = pixelda.Generator(3, 3, 32, blocks=1)
+    assert all(not m.weight.requires_grad for m in g_net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def test_pixelda_clips_each_tensor_on_its_own():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 50 and 0.5
+    pixelda.clip_and_step(torch.optim.SGD([a, b], lr=1.0), [a, b], 5.0)
+    assert torch.allclose(-a, torch.tensor([3.0, 4.0, 0.0])) and torch.allclose(-b, torch.tensor([0.3, 0.4]))
+
+
+@pytest.mark.parametrize("flags,moves", [(["--style-weight", "0", "--task-in-g-weight", "0"], {"g_net": False}),
+                                         (["--domain-weight", "0"], {"d_net": False, "g_net": True})])
+def test_pixelda_each_weight_sits_on_its_own_term(flags, moves, data_env, tmp_path, capsys, monkeypatch):
+    """--domain-weight weighs D's loss only, --style-weight G's GAN loss and --task-in-g-weight T's loss in G's step
+    (the release's placement): with the two G terms at 0 (content 0 by default) G gets no gradient; with D's weight
+    at 0, D stays where it started while G still learns to fool it. Moving a weight to another term breaks this."""
+    start, real = {}, pixelda.load_checkpoint
+
+    def spy(args, run_dir, state):  # the networks as training starts
+        start.update({k: {n: v.clone() for n, v in state[k].state_dict().items()} for k in ("g_net", "d_net")})
+        return real(args, run_dir, state)
+
+    monkeypatch.setattr(pixelda, "load_checkpoint", spy)
+    _, run, _ = run_main(pixelda, ["--task", "mnist-usps", "--steps", "3", "--batch-size", "4", "--res-blocks", "1",
+                                   "--eval-every", "0", "--no-download", "--out", tmp_path, *flags], capsys)
+    saved = torch.load(run / "model.pt", weights_only=True)
+    for net, moved in moves.items():
+        end = saved["generator" if net == "g_net" else "discriminator"]
+        weights = [k for k, v in end.items() if k.endswith("weight") and v.dim() > 1]
+        assert any(not torch.equal(end[k], start[net][k]) for k in weights) == moved, net
+
+
 @pytest.mark.parametrize("task,flags,variant", [("mnist-mnistm", [], "pixelda"),
-                                                ("mnist-usps", ["--private-conv", "--task-in-g-weight", "0.1"],
-                                                 "pixelda+private-conv (task-in-G 0.1)"),
+                                                ("mnist-usps", ["--no-private-conv", "--task-in-g-weight", "0.1"],
+                                                 "pixelda (task-in-G 0.1, shared first conv)"),
                                                 ("mnist-usps", ["--source-only"], "source-only")])
 def test_pixelda_smoke(task, flags, variant, data_env, tmp_path, capsys):
     summary, run, _ = run_main(pixelda, ["--task", task, "--steps", "40", "--batch-size", "8", "--res-blocks", "1",
@@ -1325,7 +1404,7 @@ def test_pixelda_smoke(task, flags, variant, data_env, tmp_path, capsys):
     assert lrs[0] == pytest.approx(1e-3 * 0.95) and lrs[-1] == pytest.approx(1e-3 * 0.95 ** 4)  # staircase decay
     assert any("target_test_acc_curve" in r for r in recs)
     saved = torch.load(run / "model.pt", weights_only=True)
-    assert (saved["private_conv"] is not None) == ("--private-conv" in flags)  # every trained network is saved
+    assert (saved["private_conv"] is not None) == (not flags)  # every trained network is saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1712,7 +1791,7 @@ def test_benchmark_paper_plan_and_stopped_runs(tmp_path, capsys, monkeypatch):
     assert out[-1] == "60 runs" and all("--device cuda" in line for line in out[:-1])
     for needle in ("gam.py --task usps-mnist --seed 2 --source-ckpt runs/ckpt/gam_usps-mnist_2.pt",
                    "i2i_adapt.py --task mnist-usps --seed 0 --lambda-tr 0", "pixelda.py --task mnist-mnistm --seed 1",
-                   "pixelda.py --task mnist-usps --seed 2 --task-in-g-weight 1.01 --content-weight 1.13",
+                   "pixelda.py --task mnist-usps --seed 2 --device cuda",
                    "calibrator.py --task usps-mnist --seed 0 --source-ckpt runs/ckpt/cal_usps-mnist_0_official.pt "
                    "--source-bn train"):
         assert any(needle in line for line in out), needle
@@ -1853,3 +1932,230 @@ def test_real_mnist_usps_as_image_folders_trains_exactly_like_the_builtin_task(t
                                     "--backbone", "lenet", *flags, "--out", tmp_path / "b"], capsys)
     for k in ("target_acc", "source_acc", "source_val_err", "domain_err"):
         assert folders[k] == builtin[k], k
+
+
+# ---- benchmark.py --launcher submitit ----------------------------------------------------------------------------
+
+def _bench(env, tmp_path, name, *flags):
+    """benchmark.py into its own results store; (completed process, rows)."""
+    res = run_script(["benchmark.py", "--out", str(tmp_path / name), "--results", str(tmp_path / f"{name}.json"),
+                      "--markdown", str(tmp_path / f"{name}.md"), *flags], env, HERE)
+    store = tmp_path / f"{name}.json"
+    return res, (json.loads(store.read_text())["rows"] if store.exists() else {})
+
+
+DANN_CELLS = ["--methods", "dann", "--tasks", "mnist-usps", "--seeds", "0", "1"]
+DANN_TINY = ["--", "--steps", "6", "--batch-size", "16", "--eval-every", "3", "--no-download"]
+
+
+def test_benchmark_submitit_local_executor_gives_the_local_launchers_rows_and_collect_rebuilds_them(env, tmp_path):
+    """The same 2-cell grid through submitit's local executor (the code path of a SLURM array task: a pickled Cell
+    that runs the script) and through the local pool: the same rows, seed for seed. --collect rebuilds the rows from
+    the run folders alone, and a half-finished grid gives what finished."""
+    pytest.importorskip("submitit")
+    cpus = str(os.cpu_count() or 1)
+    res, local = _bench(env, tmp_path, "pool", *DANN_CELLS, "--jobs", "1", *DANN_TINY)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res, sub = _bench(env, tmp_path, "sub", *DANN_CELLS, "--launcher", "submitit", "--cluster", "local",
+                      "--cpus-per-job", cpus, "--timeout-min", "10", *DANN_TINY)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "submitted 2 runs as local job(s)" in res.stdout
+    assert list(local) == list(sub) and len(sub) == 1
+    (a,), (b,) = local.values(), sub.values()
+    for k in ("seeds", "target_acc", "source_acc", "steps", "variant", "command"):
+        assert a[k] == b[k], k
+    assert b["seeds"] == [0, 1] and "--ckpt-every" not in b["command"]  # a flag that changes no result stays out
+    res, collected = _bench(env, tmp_path, "collected", "--collect", str(tmp_path / "sub"))
+    assert res.returncode == 0 and "2 finished runs" in res.stdout, res.stderr[-2000:]
+    (c,) = collected.values()
+    assert {k: c[k] for k in ("seeds", "target_acc", "command")} == {k: b[k] for k in ("seeds", "target_acc", "command")}
+    summaries = sorted((tmp_path / "sub").glob("dann__*/summary.json"))
+    assert len(summaries) == 2
+    summaries[1].unlink()  # one run of the grid has not finished yet
+    res, half = _bench(env, tmp_path, "half", "--collect", str(tmp_path / "sub"))
+    assert res.returncode == 0 and list(half.values())[0]["seeds"] == [json.loads(summaries[0].read_text())["seed"]]
+
+
+FAKE_SLURM = {
+    "sbatch": '#!/bin/bash\nn=$(($(ls "$FAKE_SLURM_LOG"/sbatch_* 2>/dev/null | wc -l) + 1))\n'
+              'if grep -q "partition=nope" "$1"; then echo "sbatch: error: invalid partition specified: nope" >&2; exit 1; fi\n'
+              'if [ "$n" = "${FAKE_SBATCH_FAIL_AT:-0}" ]; then echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1; fi\n'
+              'cp "$1" "$FAKE_SLURM_LOG/sbatch_$n.sh"\necho "Submitted batch job $((4000 + n))"\n',
+    "srun": "#!/bin/bash\nexit 0\n", "squeue": "#!/bin/bash\nexit 0\n", "sacct": "#!/bin/bash\nexit 0\n",
+    "scancel": '#!/bin/bash\necho "$@" >> "$FAKE_SLURM_LOG/scancel"\n',
+}
+
+
+@pytest.fixture()
+def fake_slurm(env, tmp_path):
+    """sbatch, srun, squeue, sacct and scancel stand-ins on PATH: sbatch keeps each submission script it is given."""
+    pytest.importorskip("submitit")
+    bin_dir, log = tmp_path / "fakebin", tmp_path / "slurm_log"
+    bin_dir.mkdir(), log.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return dict(env, PATH=f"{bin_dir}:{env['PATH']}", FAKE_SLURM_LOG=str(log)), log
+
+
+def test_benchmark_submitit_writes_slurm_arrays_and_chunks_a_large_grid(fake_slurm, tmp_path):
+    env, log = fake_slurm
+    seeds = ["--methods", "dann", "--tasks", "mnist-usps", "--seeds", *map(str, range(6))]
+    res, rows = _bench(env, tmp_path, "grid", *seeds, "--launcher", "submitit", "--cluster", "slurm",
+                       "--partition", "gpu", "--gpus-per-job", "1", "--cpus-per-job", "3", "--mem-gb", "12",
+                       "--timeout-min", "90", "--array-parallelism", "3", "--max-array", "4", "--no-wait", *DANN_TINY)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "submitted 6 runs as slurm job(s) 4001, 4002" in res.stdout and "--collect" in res.stdout and not rows
+    first, second = (log / "sbatch_1.sh").read_text(), (log / "sbatch_2.sh").read_text()
+    for line in ("#SBATCH --array=0-3%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=3", "#SBATCH --mem=12GB", "#SBATCH --time=90", "#SBATCH --signal=USR2@90",
+                 "submitit.core._submit"):
+        assert line in first, line
+    assert "#SBATCH --array=0-1%2" in second  # 6 runs, at most 4 per array
+    assert not (log / "sbatch_3.sh").exists() and not (log / "scancel").exists()
+
+
+@pytest.mark.parametrize("case", ["partition", "half-way", "no-slurm", "log-folder"])
+def test_benchmark_submitit_refuses_a_bad_setup_with_one_line(case, fake_slurm, tmp_path):
+    env, log = fake_slurm
+    flags = ["--methods", "dann", "--tasks", "mnist-usps", "--seeds", *map(str, range(6)), "--launcher", "submitit",
+             "--cluster", "slurm", "--partition", "nope" if case == "partition" else "gpu", "--max-array", "4",
+             "--no-wait"]
+    if case == "half-way":  # the second array is refused: the first one is cancelled, nothing stays submitted
+        env = dict(env, FAKE_SBATCH_FAIL_AT="2")
+    if case == "no-slurm":
+        env = dict(env, PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")
+    if case == "log-folder":
+        (tmp_path / "file").write_text("")
+        flags += ["--log-folder", str(tmp_path / "file" / "jobs")]
+    res, rows = _bench(env, tmp_path, "bad", *flags, *DANN_TINY)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), res.stderr[-2000:]
+    assert {"partition": "invalid partition specified: nope", "half-way": "4 submitted jobs cancelled",
+            "no-slurm": "no sbatch", "log-folder": "not writable"}[case] in err[0]
+    assert not rows and (case != "half-way" or (log / "scancel").read_text().split() == [f"4001_{i}" for i in range(4)])
+
+
+def _children(pid):
+    """Process ids whose parent is pid (Linux /proc)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's worker process through /proc")
+def test_benchmark_submitit_requeued_cell_continues_to_the_uninterrupted_model(data_env, tmp_path, monkeypatch):
+    """A cell stopped by SLURM's warning signal (USR2, sent here to the local executor's worker) is requeued and
+    continues its run from the last checkpoint: the final model equals an uninterrupted run's, bit for bit."""
+    submitit = pytest.importorskip("submitit")
+    import signal
+    import time as _time
+
+    monkeypatch.chdir(HERE)  # the job imports benchmark from its working directory, as on a cluster
+    flags = ["--steps", "600", "--batch-size", "8", "--eval-every", "0", "--log-every", "100", "--no-download"]
+    whole = benchmark.run_one("dann", "mnist-usps", 0, flags, 1, str(tmp_path / "whole"))
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
+    executor.update_parameters(timeout_min=10)
+    out = tmp_path / "cut"
+    job = executor.submit(benchmark.Cell("dann", "mnist-usps", 0, flags, 1, str(out), 50))
+    deadline = _time.time() + 300
+    while not list(out.glob("dann__*/checkpoint.pt")) and _time.time() < deadline:
+        _time.sleep(0.05)
+    workers = _children(job._process.pid)
+    assert list(out.glob("dann__*/checkpoint.pt")) and workers, "the run never checkpointed"
+    os.kill(workers[0], signal.SIGUSR2)
+    cut = job.result()
+    assert "Requeued" in job.stdout() and "resuming" in job.stdout()  # it was stopped and continued
+    assert cut["target_acc"] == whole["target_acc"]
+    a = torch.load(Path(whole["run_dir"]) / "model.pt", weights_only=True)
+    b = torch.load(Path(cut["run_dir"]) / "model.pt", weights_only=True)
+    for net in ("model", "domain_classifier"):
+        assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    again = benchmark.Cell("dann", "mnist-usps", 0, flags, 1, str(out), 50)()  # a finished cell is not run again
+    assert again["run_dir"] == cut["run_dir"] and again["target_acc"] == cut["target_acc"]
+
+
+# ---- label-free model selection (common.validator_scores, common.selection, --keep-best) -------------------------
+
+def test_validators_on_hand_worked_cases():
+    c = 10
+    uniform = common.validator_scores(torch.zeros(50, c), 90.0)
+    assert uniform["entropy"] == pytest.approx(-math.log(c)) and uniform["im"] == pytest.approx(0, abs=1e-6)
+    assert uniform["source_val_acc"] == 90.0 and uniform["bnm"] == pytest.approx(math.sqrt(50 * c * 0.01) / 50)  # rank 1: sigma = Frobenius norm
+    onehot = common.validator_scores(torch.eye(c).repeat(3, 1) * 100)  # confident, every class 3 times
+    assert onehot["entropy"] == pytest.approx(0, abs=1e-6) and onehot["im"] == pytest.approx(math.log(c))
+    assert math.isnan(onehot["source_val_acc"])
+    three = common.validator_scores(torch.eye(3) * 100)  # P = I: singular values 1, 1, 1; S = 0 off the diagonal
+    assert three["bnm"] == pytest.approx(1.0) and three["snd"] == pytest.approx(math.log(2))
+    # 3x3 by hand: rows (1,0,0), (1,0,0), (0,1,0): row 0's neighbours get similarity 1/tau (row 1) and 0 (row 2)
+    snd = common.validator_scores(torch.tensor([[100.0, 0, 0], [100.0, 0, 0], [0, 100.0, 0]]), tau=1.0)["snd"]
+    a = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # rows 0 and 1; row 2 sees two zeros: log 2
+    assert snd == pytest.approx(((2 * -(a * a.log()).sum()) + math.log(2)).item() / 3, rel=1e-5)
+    # BNM of two confident classes out of three, 2 + 1 rows: singular values sqrt(2), 1
+    assert common.validator_scores(torch.tensor([[9.0, 0, 0], [9.0, 0, 0], [0, 9.0, 0]]) * 10)["bnm"] == \
+        pytest.approx((math.sqrt(2) + 1) / 3, rel=1e-4)
+
+
+def test_validators_rank_a_confident_balanced_model_above_a_uniform_one():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 10
+    good = nn.functional.one_hot(labels, 10).float() * 8 + torch.randn(200, 10, generator=g) * 0.1
+    bad = torch.randn(200, 10, generator=g) * 0.01
+    a, b = common.validator_scores(good, 95.0), common.validator_scores(bad, 40.0)
+    assert all(a[v] > b[v] for v in common.VALIDATORS if v != "snd"), (a, b)
+    # SND by construction: near-uniform rows are all neighbours of each other, the densest possible neighbourhood,
+    # log(N - 1); the confident balanced model's neighbourhoods are its own class (about log 19 here)
+    assert b["snd"] == pytest.approx(math.log(199), abs=1e-3) and a["snd"] == pytest.approx(math.log(19), abs=0.05)
+
+
+def test_selection_takes_each_validators_argmax_and_never_a_nan(tmp_path):
+    recs = [{"step": 10, "loss": 1.0},
+            {"step": 10, "target_test_acc_curve": 50.0, "entropy": -1.0, "im": 0.5, "bnm": None, "snd": 2.0,
+             "source_val_acc": 90.0},
+            {"step": 20, "target_test_acc_curve": 70.0, "entropy": -0.5, "im": 0.4, "bnm": None, "snd": 2.0,
+             "source_val_acc": 91.0},
+            {"step": 30, "target_test_acc": 60.0, "entropy": -0.2, "im": 0.9, "bnm": None, "snd": 1.0,
+             "source_val_acc": 89.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sel = common.selection(tmp_path)
+    assert sel["final"] == {"step": 30, "target_acc": 60.0}
+    assert sel["oracle"]["step"] == 20 and sel["oracle"]["uses_target_test_labels"]
+    assert (sel["entropy"]["step"], sel["im"]["step"], sel["source_val_acc"]["step"]) == (30, 30, 20)
+    assert sel["snd"]["step"] == 10 and sel["snd"]["target_acc"] == 50.0  # a tie: the earliest
+    assert sel["bnm"] is None  # NaN (null) at every evaluation: no pick
+
+
+def test_keep_best_saves_the_picked_model(data_env, tmp_path, capsys):
+    summary, run, _ = run_main(dann, ["--task", "mnist-usps", "--steps", "12", "--batch-size", "16", "--eval-every",
+                                      "3", "--keep-best", "im", "--no-download", "--out", tmp_path], capsys)
+    pick = summary["selection"]["im"]
+    saved = torch.load(run / "model_best.pt", weights_only=True)
+    assert saved["validator"] == "im" and saved["score"] == pytest.approx(pick["score"], abs=1e-5)
+    net = common.build_backbone(json.loads((run / "args.json").read_text())["backbone"])  # a plain build
+    net.load_state_dict(saved["model"])
+    args = dann.parse_args(["--task", "mnist-usps", "--no-download"])
+    _, tgt = common.load_task(args, net.size, net.in_channels, "cpu")
+    assert common.accuracy(net, tgt.test_x, tgt.test_y) == pytest.approx(pick["target_acc"], abs=1e-6)
+
+
+def test_benchmark_renders_the_model_selection_table(tmp_path):
+    assert benchmark.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert benchmark.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)  # ties: average ranks
+    sel = lambda f, e: {"final": {"step": 9, "target_acc": f}, "entropy": {"step": 3, "target_acc": e},  # noqa: E731
+                        "oracle": {"step": 6, "target_acc": 99.0, "uses_target_test_labels": True}}
+    evals = [[{"step": 3, "acc": 50.0, "entropy": -1.0}, {"step": 6, "acc": 60.0, "entropy": -0.5},
+              {"step": 9, "acc": 70.0, "entropy": -0.1}]] * 2
+    row = {"method": "dann", "task": "mnist-usps", "variant": "dann", "flags": "", "steps": 9, "seeds": [0, 1],
+           "target_acc": [70.0, 80.0], "source_acc": [99.0, 99.0], "seconds": [1.0, 1.0], "device": "cpu",
+           "command": "x", "commands": ["x", "x"], "extra": {"selection": [sel(70.0, 50.0), sel(80.0, 60.0)],
+                                                              "evals": evals}}
+    benchmark.render({"rows": {"k": row}}, tmp_path / "R.md")
+    md = (tmp_path / "R.md").read_text()
+    assert "## Model selection without target labels" in md
+    assert "| dann | mnist-usps | dann | 9 | 2 | 75.00 ± 7.07 | — | 55.00 ± 7.07 (ρ 1.00) | — | — | — | 99.00 ± 0.00 |" in md
