@@ -1474,8 +1474,11 @@ def load_source(net, ckpt, identity):
     return True
 
 
-def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, input_range, log_every, amp):
+def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, input_range, log_every, amp,
+                 decay_biases=True):
     """Stage 1: Adam on cross entropy over labelled source images (uint8, on the device), batches drawn by index.
+    weight_decay: Adam's (L2 in the gradient), on every parameter, or only on the weights (not biases, 1-d tensors)
+    with decay_biases=False, as a slim l2_regularizer on the weights.
 
     It draws from copies of the random streams (`generator`'s and torch's global one, which dropout uses) and leaves
     the caller's as it found them: stage 2 then draws the same numbers whether this run trained the network or
@@ -1485,7 +1488,11 @@ def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, i
     own.set_state(generator.get_state())
     devices = [] if device.type == "cpu" else [device.index or 0]
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+        params = list(net.parameters())
+        decayed = [p for p in params if decay_biases or p.dim() > 1]
+        opt = torch.optim.Adam([{"params": decayed, "weight_decay": weight_decay},
+                                {"params": [p for p in params if all(p is not q for q in decayed)], "weight_decay": 0.0}],
+                               lr=lr)
         sampler = IndexSampler(len(x), batch_size, device, own)
         meter = Meter(None, steps, log_every, prefix="source ")
         net.train()

@@ -71,7 +71,8 @@ Deviations, each a flag or stated here:
     the Gaussian-matched scales back; `--drift-ref source` uses F^s's weights as in eq. 1.
   * Two Adam objects (F^t, discriminators) where the release shares one: each parameter's moments are its own either
     way; the release's shared bias-correction counter advances twice per iteration (no effect after a few hundred).
-  * The official stage 1 puts L2 2.5e-5 on the LeNet's weights (tools/train.py, get_total_loss); ours has none.
+  * The official stage 1 puts L2 2.5e-5 on the LeNet's weights (tools/train.py, get_total_loss); ours has none by
+    default (`--source-l2 2.5e-5` with `--no-source-dropout` trains the official F^s; not yet measured here).
 
 Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM (full) 95.7
 +- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M. Measured here (RESULTS.md, final model, target test
@@ -151,6 +152,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=128, help="batch size per domain, both stages")
     g.add_argument("--no-source-dropout", action="store_true",
                    help="train F^s without the LeNet's dropout, as the official TF LeNet (which has none)")
+    g.add_argument("--source-l2", type=float, default=0.0,
+                   help="L2 on F^s's weights (not biases) in stage 1; the official tools/train.py: 2.5e-5")
     g = p.add_argument_group("stage 2: activation matching (defaults: the paper's digit setting)")
     g.add_argument("--mode", default="gam", choices=["source-only", "gaussian", "gam"],
                    help="stop after stage 1, after Gaussian matching, or run the full GAN matching")
@@ -185,7 +188,7 @@ def parse_args(argv=None):
     args = parse(p, argv)
     check_args(args, positive=("lr", "source_lr", "converge_tol"),
                at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
-               non_negative=("drift", "disc_pretrain", "restart_emptied"))
+               non_negative=("drift", "disc_pretrain", "restart_emptied", "source_l2"))
     # derived defaults, resolved here so that args.json records the values used
     for k, v in RECIPES[args.recipe].items():
         if getattr(args, k) is None:
@@ -224,6 +227,7 @@ def parse_args(argv=None):
         named += [f"{args.recipe} recipe"] if args.recipe != "official" else []
     named += ["alternating update"] if args.mode == "gam" and args.gan_update != "official" else []
     named += ["F^s without dropout"] if args.no_source_dropout else []  # stage 1's, in every variant
+    named += [f"F^s with L2 {args.source_l2:g}"] if args.source_l2 else []
     args.variant += f" ({', '.join(named)})" if named else ""
     return args
 
@@ -369,7 +373,8 @@ def main(args):
     # stage 1's identity: a cached F^s is reused only by runs that would have trained the same one
     stage1 = dict(source=src.name, seed=args.seed, source_subset=args.source_subset, source_steps=args.source_steps,
                   source_lr=args.source_lr, batch_size=args.batch_size, input_range=args.input_range,
-                  **({"dropout": False} if args.no_source_dropout else {}))  # (files from before the flag match)
+                  **({"dropout": False} if args.no_source_dropout else {}),  # (files from before the flags match)
+                  **({"l2": args.source_l2} if args.source_l2 else {}))
     own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
     loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
     run_dir = make_run_dir(args, "gam")
@@ -382,7 +387,8 @@ def main(args):
     f_s = f_s.to(device)
     if not loaded:
         train_source(f_s, src_x, src_y, steps=args.source_steps, batch_size=args.batch_size, lr=args.source_lr,
-                     weight_decay=0.0, generator=g, input_range=args.input_range, log_every=args.log_every, amp=args.amp)
+                     weight_decay=args.source_l2, generator=g, input_range=args.input_range, log_every=args.log_every,
+                     amp=args.amp, decay_biases=False)
         save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
     f_s.eval().requires_grad_(False)  # frozen from here on
     no_adapt = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),

@@ -2159,3 +2159,19 @@ def test_benchmark_renders_the_model_selection_table(tmp_path):
     md = (tmp_path / "R.md").read_text()
     assert "## Model selection without target labels" in md
     assert "| dann | mnist-usps | dann | 9 | 2 | 75.00 ± 7.07 | — | 55.00 ± 7.07 (ρ 1.00) | — | — | — | 99.00 ± 0.00 |" in md
+
+
+@pytest.mark.parametrize("decay_biases", [True, False])
+def test_stage1_weight_decay_reaches_the_biases_only_when_asked(decay_biases):
+    """gam --source-l2: L2 on the weights alone (the official slim l2_regularizer); the calibrator's Adam weight decay:
+    on every parameter. With a huge decay, Adam's first step moves every decayed element toward zero."""
+    torch.manual_seed(0)
+    net = common.lenet()
+    before = {k: v.clone() for k, v in net.named_parameters()}
+    x, y = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (64,))
+    common.train_source(net, x, y, steps=1, batch_size=32, lr=1e-4, weight_decay=1e6, generator=torch.Generator(),
+                        input_range="0,1", log_every=10, amp=False, decay_biases=decay_biases)
+    for k, p in net.named_parameters():
+        big = before[k].abs() > 1e-3
+        shrunk = (p.detach().abs() < before[k].abs())[big]
+        assert shrunk.all() if (p.dim() > 1 or decay_biases) else not shrunk.all(), k
