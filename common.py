@@ -1488,11 +1488,9 @@ def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, i
     own.set_state(generator.get_state())
     devices = [] if device.type == "cpu" else [device.index or 0]
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        params = list(net.parameters())
-        decayed = [p for p in params if decay_biases or p.dim() > 1]
-        opt = torch.optim.Adam([{"params": decayed, "weight_decay": weight_decay},
-                                {"params": [p for p in params if all(p is not q for q in decayed)], "weight_decay": 0.0}],
-                               lr=lr)
+        decayed = lambda p: decay_biases or p.dim() > 1  # noqa: E731
+        opt = torch.optim.Adam([{"params": [p for p in net.parameters() if decayed(p)], "weight_decay": weight_decay},
+                                {"params": [p for p in net.parameters() if not decayed(p)], "weight_decay": 0.0}], lr=lr)
         sampler = IndexSampler(len(x), batch_size, device, own)
         meter = Meter(None, steps, log_every, prefix="source ")
         net.train()
