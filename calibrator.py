@@ -373,7 +373,7 @@ def main(args):
     labels = group_labels(args.batch_size, device)
     y = torch.cat(labels)  # the group of every row of [G1; G2; G3; G4], the same each step
     rng = random.Random(args.seed)  # patch locations (host side: no device sync)
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
     state = dict(g_c=g_c, d_feat=d_feat, d_pix=d_pix, f_s=f_s, opt_g=opt_g, opt_d=opt_d, s_sampler=s_sampler,
                  t_sampler=t_sampler, g=g, rng=rng, meter=meter)  # f_s: its BatchNorm statistics drift in train mode
     g_c.train(), d_feat.train(), d_pix.train()
@@ -434,6 +434,7 @@ def main(args):
         k = args.grid_images
         target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
         save_grid(g_c, to_float(src.test_x[:k]), to_float(target_images[:k]), run_dir / "calibration.png")
+        meter.image("calibration", run_dir / "calibration.png", args.steps)
     if not args.no_save_model:
         atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)},
                           run_dir / "model.pt")

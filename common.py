@@ -16,6 +16,7 @@ data root, which may be read-only).
 
 import gzip
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
@@ -835,6 +836,9 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
     g.add_argument("--keep-best", default=None, metavar="VALIDATOR",
                    help="also save model_best.pt whenever this label-free score improves at an evaluation: "
                         "source_val_acc, entropy, im, bnm or snd (summary.json's `selection` says what each picks)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write metrics.jsonl's scalars and the image grids as TensorBoard events in the run folder "
+                        "(`tensorboard --logdir runs`; needs `pip install tensorboard`)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=default_data_dir(), help="dataset root (env UDA_DATA_DIR, else ./data)")
     g.add_argument("--cache-dir", default=None, help="decoded-tensor cache (env UDA_CACHE_DIR, else ~/.cache/uda-digits)")
@@ -856,7 +860,7 @@ def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_
     return g
 
 
-RESUME_MAY_CHANGE = ("device", "threads", "data_dir", "cache_dir", "no_download", "resume")
+RESUME_MAY_CHANGE = ("device", "threads", "data_dir", "cache_dir", "no_download", "resume", "tensorboard")
 
 
 def parse(p, argv=None):
@@ -869,6 +873,8 @@ def parse(p, argv=None):
     args = p.parse_args(joined)
     if args.keep_best is not None and args.keep_best not in VALIDATORS:
         raise UsageError(f"--keep-best '{args.keep_best}' is not a validator: choose from {', '.join(VALIDATORS)}")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.resume:
         run_dir = Path(args.resume)
         if (run_dir / "summary.json").exists():
@@ -1323,15 +1329,20 @@ def atomic_write_json(obj, path):
 class Meter:
     """The training loop's bookkeeping in two lines per step: `add` sums device scalars on the device (no host sync),
     `step` prints a progress line and appends a metrics.jsonl record every `log_every` steps, and every `eval_every`
-    steps calls `evaluate()` (its time is not counted as training time) and records what it returns.
+    steps calls `evaluate()` (its time is not counted as training time) and records what it returns. With
+    `tensorboard`, every record's numbers (and `image`'s grids) also go to TensorBoard events in the run folder.
 
         step 1200/20000 | loss_y 0.3102 loss_d 0.6913 lam 0.2911 lr 0.007031 | 41.2 steps/s | ETA 7m36s
     """
 
-    def __init__(self, run_dir, total, log_every, eval_every=0, prefix=""):
+    def __init__(self, run_dir, total, log_every, eval_every=0, prefix="", tensorboard=False):
         self.total, self.log_every, self.eval_every, self.prefix = total, log_every, eval_every, prefix
         self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
         self.sums, self.n, self.train_seconds, self.records = {}, 0, 0.0, 0
+        self.tb = None
+        if tensorboard and run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: parse() checked it is there
+            self.tb = SummaryWriter(str(run_dir))
         self.t0 = time.time()
 
     def add(self, **scalars):
@@ -1364,6 +1375,24 @@ class Meter:
             with open(self.path, "a") as f:
                 f.write(json.dumps(_no_nan(record)) + "\n")
             self.records += 1
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def image(self, tag, png_path, step):
+        """A saved image grid (PNG) as a TensorBoard image, with --tensorboard."""
+        if self.tb is not None:
+            from PIL import Image
+            with Image.open(png_path) as im:
+                img = np.asarray(im.convert("RGB"))
+            self.tb.add_image(tag, img, step, dataformats="HWC")
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
 
     @property
     def steps_per_sec(self):
@@ -1549,6 +1578,8 @@ def finish(run_dir, summary, meter, t_start, device, final=None, domains=None):
                    seconds=round(time.time() - t_start, 1), device=str(device), run_dir=str(run_dir), versions=versions())
     atomic_write_json(summary, Path(run_dir) / "summary.json")
     (Path(run_dir) / "checkpoint.pt").unlink(missing_ok=True)
+    if meter is not None:
+        meter.close()
     print(json.dumps(summary), flush=True)
 
 

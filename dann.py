@@ -225,7 +225,7 @@ def main(args):
 
     # ---- training: one flat loop -------------------------------------------------------------------------------
     target_domain = torch.ones(half, dtype=torch.long, device=device)  # G_d's label for unlabelled target images
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
     state = dict(model=model, disc=disc, opt=opt, labelled=labelled, unlabelled=unlabelled, g=g, meter=meter)
 
     def train_step(idx, t_idx=None, lam=0.0):

@@ -459,7 +459,7 @@ def main(args):
 
         train_step = GraphedStep(train_step, args.cuda_graph, device)  # --cuda-graph on: recorded once per key
         total = args.disc_pretrain + args.steps
-        meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+        meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
         # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined;
         # --restart-emptied: the iterations the GAN stage restarted after, and the iteration the kept attempt began at
         sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], restarts=[], offset=0)
@@ -498,7 +498,7 @@ def main(args):
     train_acc = accuracy(f_t, tgt.train_x, tgt.train_y, **ev) if args.task != "folder" else float("nan")
     steps = args.steps if args.mode == "gam" else 0
     if meter is None:
-        meter = Meter(run_dir, 0, 1)
+        meter = Meter(run_dir, 0, 1, tensorboard=args.tensorboard)
     meter.write(step=steps + (sched["offset"] if sched else 0), **final)  # restarted attempts included
     shares = predict_target(run_dir, f_t, src, tgt, **ev)  # label-free: each class's share
     if not args.no_save_model:

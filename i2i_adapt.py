@@ -302,7 +302,7 @@ def main(args):
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
     state = dict(nets=nets, opt_g=opt_g, **({"opt_d": opt_d} if opt_d else {}), s_sampler=s_sampler,
                  t_sampler=t_sampler, g=g, meter=meter)
     nets.train()
@@ -348,6 +348,7 @@ def main(args):
     shares = predict_target(run_dir, model, src, tgt, **ev)  # label-free: each class's share
     target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
     save_grid(nets, to_float(src.test_x[:8]), to_float(target_images[:8]), run_dir / "translations.png")
+    meter.image("translations", run_dir / "translations.png", args.steps)
     if not args.no_save_model:
         atomic_torch_save({"nets": nets.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {

@@ -278,7 +278,7 @@ def main(args):
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
     grid_xs, grid_xt = to_float(src.test_x[:8]), to_float((tgt.test_x if len(tgt.test_x) else tgt.train_x)[:8])
     grid_g = torch.Generator(device=device).manual_seed(args.seed)  # the grids' own z: they never move training's
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every)
+    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
     state = dict(t_net=t_net, g_net=g_net, d_net=d_net, **({"private": private} if private is not None else {}),
                  **{f"opt{i}": o for i, o in enumerate(opts)}, **{f"sched{i}": s for i, s in enumerate(scheds)},
                  s_sampler=s_sampler, t_sampler=t_sampler, g=g, grid_g=grid_g, meter=meter)
@@ -339,6 +339,7 @@ def main(args):
         meter.step(step, evaluate, lr=opts[0].param_groups[0]["lr"])
         if not args.source_only and args.grid_every and step % args.grid_every == 0:
             save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / f"samples_{step:07d}.png", generator=grid_g)
+            meter.image("samples", run_dir / f"samples_{step:07d}.png", step)
         save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
@@ -347,6 +348,7 @@ def main(args):
     shares = predict_target(run_dir, t_net, src, tgt, **ev)  # label-free: each class's share
     if not args.source_only:
         save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png", generator=grid_g)
+        meter.image("samples", run_dir / "samples_final.png", args.steps)
     if not args.no_save_model:
         atomic_torch_save({"task_net": t_net.state_dict(), "generator": g_net.state_dict(),
                            "discriminator": d_net.state_dict(),

@@ -12,6 +12,7 @@ folders + label files and its .tar.gz), so the real loading code runs. When the 
 
 import bz2
 import copy
+import importlib.util
 import io
 import json
 import math
@@ -872,6 +873,41 @@ def test_evaluation_logging_and_grids_never_move_training(script, data_env, tmp_
     tensors = {(key, k): v for key, part in a.items() if isinstance(part, dict) and key != "args"
                for k, v in part.items() if isinstance(v, torch.Tensor)}
     assert tensors and all(torch.equal(v, b[key][k]) for (key, k), v in tensors.items())
+
+
+TB_IMAGES = {"calibrator": "calibration", "i2i_adapt": "translations", "pixelda": "samples"}
+
+
+@pytest.mark.parametrize("script", list(RESUME_RUNS))
+def test_tensorboard_events_hold_the_metrics_scalars_and_the_grids(script, data_env, tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="optional: pip install tensorboard (the README's plain install leaves it out)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    flags = list(RESUME_RUNS[script])
+    if "--grid-images" in flags:  # calibrator: a 3-image grid instead of none
+        flags[flags.index("--grid-images") + 1] = "3"
+    _, run, _ = run_main(SCRIPTS[script], [*flags, "--log-every", "4", "--no-download", "--out", tmp_path,
+                                           "--tensorboard"], capsys)
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    logged = {}
+    for rec in metrics(run):
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)):
+                logged.setdefault(k, []).append((rec["step"], v))
+    assert "target_test_acc_curve" in logged and "im" in logged and "target_test_acc" in logged
+    assert set(events.Tags()["scalars"]) == set(logged)
+    for k, pairs in logged.items():
+        got = [(e.step, e.value) for e in events.Scalars(k)]
+        assert [s for s, _ in got] == [s for s, _ in pairs] and np.allclose([v for _, v in got], [v for _, v in pairs])
+    images = events.Tags()["images"]
+    assert images == ([TB_IMAGES[script]] if script in TB_IMAGES else [])
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(common.UsageError, match="pip install tensorboard"):
+        dann.parse_args(["--tensorboard"])
 
 
 def test_gam_resumes_across_a_restart_of_the_gan_stage(data_env, tmp_path, capsys, monkeypatch):
