@@ -111,6 +111,11 @@ def parse_args():
     p.add_argument("--out", default="runs/benchmark", help="parent folder of the run folders and logs")
     p.add_argument("--results", default=str(HERE / "results.json"), help="results store")
     p.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="rendered table")
+    p.add_argument("--readme", default=None, help="README whose results table (between its two marker comments) is "
+                   "rewritten from the store (default: README.md next to benchmark.py when --results is the default)")
+    p.add_argument("--plots", action="store_true", help="start nothing: draw the README rows' training curves (from "
+                   "the store) and image grids (from their run folders under --out) into pictures/, then rewrite "
+                   "RESULTS.md, which shows them (needs matplotlib: pip install matplotlib)")
     p.add_argument("--device", default=None, help="passed to every run (e.g. cuda: runs share the GPU, 1 thread each)")
     p.add_argument("--rerun", action="store_true", help="run seeds that the results store already holds for a row")
     p.add_argument("--plan", default=None, choices=list(PLANS), help="run a whole grid of rows instead of "
@@ -150,6 +155,8 @@ def parse_args():
                    help="submit, print the job ids and return; `--collect <out>` builds the rows later")
     args = p.parse_args(argv)
     args.extra = extra
+    if args.readme is None and Path(args.results).resolve() == (HERE / "results.json"):
+        args.readme = str(HERE / "README.md")
     return args
 
 
@@ -244,7 +251,7 @@ def fill(flags, task, seed):
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
               "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins",
-              "gan_restarts", "class_shares", "selection", "evals")
+              "gan_restarts", "class_shares", "selection", "evals", "signals", "run_dir")
 VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")  # common.VALIDATORS (not imported: no torch here)
 
 
@@ -271,9 +278,31 @@ def read_evals(run_dir):
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         acc = rec.get("target_test_acc", rec.get("target_test_acc_curve"))
-        if acc is not None and any(v in rec for v in VALIDATORS):
-            evals.append({"step": rec["step"], "acc": acc, **{v: rec.get(v) for v in VALIDATORS}})
+        if acc is not None and any(v in rec for v in VALIDATORS):  # and the method's own signals (domain_err, ...)
+            evals.append({"step": rec["step"], "acc": acc, **{v: rec.get(v) for v in VALIDATORS},
+                          **{k: v for k, v in rec.items() if k not in ("step", "target_test_acc", "target_test_acc_curve")
+                             and k not in VALIDATORS and isinstance(v, (int, float))}})
     return evals or None
+
+
+def read_signals(run_dir, points=60):
+    """The training log's running means (losses, lambda, lr, ...; not the speed) at most `points` times per run, for
+    the pictures: [{step, name: value, ...}, ...]."""
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
+        return None
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    recs = [{k: v for k, v in r.items() if k != "steps_per_sec" and isinstance(v, (int, float))}
+            for r in recs if "steps_per_sec" in r]
+    if len(recs) > points:
+        recs = [recs[round(i * (len(recs) - 1) / (points - 1))] for i in range(points)]
+    return recs or None
+
+
+def from_run(run_dir):
+    """What a row keeps of a run beside its summary: the curve, the evaluations, the training signals, the folder."""
+    run_dir = Path(run_dir) if run_dir else None
+    return dict(curve=read_curve(run_dir), evals=read_evals(run_dir), signals=read_signals(run_dir),
+                run_dir=str(run_dir.relative_to(HERE) if run_dir and run_dir.is_relative_to(HERE) else run_dir))
 
 
 def spearman(x, y):
@@ -322,7 +351,7 @@ def selection_table(rows):
         out.append(f"| {r['method']} | {r['task']} | {shown(r)} | {r['steps']} | {len(sels)} | " + " | ".join(cells) + " |")
     if not out:
         return []
-    return ["", "## Model selection without target labels", "",
+    return ["", "### Model selection without target labels", "",
             "Target test accuracy of the checkpoint each label-free validator would pick among a run's evaluations",
             "(every `--eval-every` steps and the final model; `summary.json`'s `selection`), mean ± std over seeds; ρ:",
             "the validator's Spearman rank correlation with the target accuracy over all evaluations of the row's runs.",
@@ -394,8 +423,7 @@ def run_one(method, task, seed, extra, threads, out, cell=False, ckpt_every=None
     print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']} "
           f"source {summary['source_acc']}", flush=True)
     run_dir = summary.get("run_dir")
-    return dict(summary, command=shown, curve=read_curve(HERE / run_dir if run_dir else None),
-                evals=read_evals(HERE / run_dir if run_dir else None))
+    return dict(summary, command=shown, **from_run(HERE / run_dir if run_dir else None))
 
 
 def logged_run(log):
@@ -413,8 +441,7 @@ def finished_run(log):
     if run is None or not (run / "summary.json").exists():
         return None
     cell = json.loads(log.with_suffix(".cell.json").read_text())
-    return dict(json.loads((run / "summary.json").read_text()), command=cell["command"], curve=read_curve(run),
-                evals=read_evals(run))
+    return dict(json.loads((run / "summary.json").read_text()), command=cell["command"], **from_run(run))
 
 
 class Cell:
@@ -568,7 +595,7 @@ def tradeoff_table(rows):
     rows = [r for r in rows if any(r.get("extra", {}).get("source_model_alone") or [])]
     if not rows:
         return []
-    out = ["", "## Calibrator: accuracy trade-off and cost", "",
+    out = ["", "### Calibrator: accuracy trade-off and cost", "",
            "F_s alone is the frozen source classifier before stage 2 (same seed); F_s∘G_c is it behind the final",
            "calibrator. The source change is F_s∘G_c minus F_s alone on the source test split, per seed, then averaged.",
            "With `--source-bn train`, *F_s alone after drift* is F_s with the BatchNorm statistics stage 2 left in it.",
@@ -606,40 +633,135 @@ def curve_table(rows, points=12):
                    + " · ".join(f"{steps[i]}: {m:.1f}" for i, m in zip(keep, mean)) + " |")
     if not out:
         return []
-    return ["", "## Target accuracy during training", "",
+    return ["", "### Target accuracy during training", "",
             "Target test accuracy logged every `--eval-every` steps (a curve only: the reported number is always the",
             "final model's), mean over seeds, as `step: accuracy`.", "",
             "| method | task | variant | seeds | curve |", "|---|---|---|---|---|"] + out
 
 
-def render(store, path):
+METHODS = {"dann": "DANN: Ganin & Lempitsky, ICML 2015", "gam": "GAM: Huang, Huang & Krähenbühl, ECCV 2018",
+           "calibrator": "Calibrator: Ye et al., CVPR 2020", "i2i_adapt": "I2I Adapt: Murez et al., CVPR 2018",
+           "pixelda": "PixelDA: Bousmalis et al., CVPR 2017"}
+PICTURES = HERE / "pictures"
+GRIDS = {"calibrator": "calibration.png", "i2i_adapt": "translations.png", "pixelda": "samples_final.png"}
+
+# The README's table: per (method, task), the paper's variant and the stored rows that stand for the script's default
+# flags, as the tables label them, in order of preference: today's code first, then the closest earlier row (its
+# label says what differs: `[code of ...]`, `[earlier F^s files]`, an earlier stage 2, `(target val)`).
+HEADLINE = [
+    ("dann", "mnist-usps", "dann", ["dann"]),
+    ("dann", "usps-mnist", "dann", ["dann"]),
+    ("dann", "mnist-mnistm", "dann", ["dann"]),
+    ("gam", "mnist-usps", "gam", ["gam", "gam (alternating update) [earlier F^s files]"]),
+    ("gam", "usps-mnist", "gam", ["gam", "gam (alternating update) [earlier F^s files]"]),
+    ("calibrator", "mnist-usps", "calibrator", ["calibrator (stage 1: 5 epochs)",
+                                                "calibrator (betas 0.5,0.999, wd 0, one forward, torch init) (stage 1: 5 epochs)"]),
+    ("calibrator", "usps-mnist", "calibrator", ["calibrator", "calibrator (betas 0.5,0.999, wd 0, one forward, torch init)"]),
+    ("i2i_adapt", "mnist-usps", "full", ["full (target val)", "full"]),
+    ("i2i_adapt", "usps-mnist", "full", ["full (target val)", "full"]),
+    ("pixelda", "mnist-usps", "pixelda", ["pixelda"]),
+    ("pixelda", "mnist-mnistm", "pixelda", ["pixelda", "pixelda [code of 50f9e9c]"]),
+]
+README_BEGIN = "<!-- results table: written by benchmark.py from results.json -->"
+README_END = "<!-- end of the results table -->"
+
+
+def headline(store):
+    """[(method, task, paper number, row or None)] for the README's table: per entry of HEADLINE, the first label that
+    has a row (the most seeds, then the longest schedule)."""
+    out = []
+    for m, t, paper_variant, labels in HEADLINE:
+        found = None
+        for label in labels:
+            rows = [r for r in store["rows"].values() if (r["method"], r["task"], shown(r)) == (m, t, label)]
+            if rows:
+                found = max(rows, key=lambda r: (len(r["seeds"]), r["steps"]))
+                break
+        out.append((m, t, PAPER.get((m, t, paper_variant)), found))
+    return out
+
+
+def readme_table(store):
+    lines = ["| method | task | paper | ours: target acc | seeds | steps | variant | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, t, paper, r in headline(store):
+        paper = f"{paper:.1f}" if paper is not None else "—"
+        if r is None:
+            lines.append(f"| {m} | {t} | {paper} | not measured | | | | |")
+        else:
+            lines.append(f"| {m} | {t} | {paper} | {mean_std(r['target_acc'])} | {len(r['seeds'])} | {r['steps']} | "
+                         f"{shown(r)} | `{r['command']}` |")
+    return lines
+
+
+def write_readme(store, path):
+    """Rewrite the table between README_BEGIN and README_END of the README (from results.json); False if it has none."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    path.write_text(head + README_BEGIN + "\n" + "\n".join(readme_table(store)) + "\n" + README_END + tail)
+    return True
+
+
+def notes_of(store, section):
+    """results.json's notes: {section: [paragraph, ...]} (section: a method, or "general"); a plain list is general."""
+    notes = store.get("notes") or {}
+    if isinstance(notes, list):
+        notes = {"general": notes}
+    return notes.get(section, [])
+
+
+def picture_links(store, method, md_path, pictures):
+    out = []
+    for m, t, _, r in headline(store):
+        for name, what in ((f"{m}_{t}.png", "training curves"), (f"{m}_{t}_grid.png", "image grid")):
+            if m == method and (Path(pictures) / name).exists():
+                rel = os.path.relpath(Path(pictures) / name, Path(md_path).parent)
+                out += [f"![{m} {t}: {what}]({rel})", ""]
+    return out
+
+
+def render(store, path, pictures=PICTURES):
     rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], shown(r), r["steps"]))
+    methods = list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
+    present = [m for m in methods if any(r["method"] == m for r in rows) or notes_of(store, m)]
     out = [
         "# Results",
         "",
         "Written by `benchmark.py` from `results.json`; every row is a measured run on this repository's code.",
         "Accuracy of the **final** model (no checkpoint selection), % on the target *test* split and the source *test*",
         "split, mean ± std over seeds. `paper` is the paper's own number for the same row (target accuracy).",
-        "",
-        "| method | task | variant | steps | seeds | target acc | source acc | paper | wall time / run | device | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Sections: " + " · ".join(f"[{m}](#{m.replace('_', '')})" for m in present)
+        + " · [protocol and hardware](#protocol-and-hardware)",
     ]
-    for r in rows:
-        paper = PAPER.get((r["method"], r["task"], r["variant"]))
-        note = (PAPER_NOTES.get((r["method"], r["task"], r["variant"])) or PAPER_NOTES.get((r["method"], r["task"]), "—")
-                if paper is None else f"{paper:.2f}")
-        out.append(f"| {r['method']} | {r['task']} | {shown(r)} | {r['steps']} | {len(r['seeds'])} | "
-                   f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {note} | "
-                   f"{statistics.mean(r['seconds']) / 60:.1f} min | {r['device']} | `{r['command']}` |")
-    out += ["", "Per-seed target accuracy:", ""]
-    for r in rows:
-        val = r.get("extra", {}).get("target_val_acc") or [None] * len(r["seeds"])  # --target-val: held-out target train
-        per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
-                        for s, a, v in zip(r["seeds"], r["target_acc"], val))
-        out.append(f"- {r['method']} {r['task']} {shown(r)} ({r['steps']} steps): {per}")
-    out += tradeoff_table(rows) + curve_table(rows) + selection_table(rows)
-    out += ["", f"Hardware: {store.get('hardware', '?')}.", ""]
-    out += [f"- {note}" for note in store.get("notes", [])] + ([""] if store.get("notes") else [])
+    header = ["| task | variant | steps | seeds | target acc | source acc | paper | wall time / run | device | command |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in present:
+        mine = [r for r in rows if r["method"] == m]
+        out += ["", f"## {m}", "", f"*{METHODS.get(m, m)}.*", ""]
+        out += picture_links(store, m, path, pictures)
+        out += header
+        for r in mine:
+            paper = PAPER.get((r["method"], r["task"], r["variant"]))
+            note = (PAPER_NOTES.get((r["method"], r["task"], r["variant"])) or PAPER_NOTES.get((r["method"], r["task"]), "—")
+                    if paper is None else f"{paper:.2f}")
+            out.append(f"| {r['task']} | {shown(r)} | {r['steps']} | {len(r['seeds'])} | "
+                       f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {note} | "
+                       f"{statistics.mean(r['seconds']) / 60:.1f} min | {r['device']} | `{r['command']}` |")
+        out += ["", "Per-seed target accuracy:", ""]
+        for r in mine:
+            val = r.get("extra", {}).get("target_val_acc") or [None] * len(r["seeds"])  # --target-val: held-out target train
+            per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
+                            for s, a, v in zip(r["seeds"], r["target_acc"], val))
+            out.append(f"- {r['task']} {shown(r)} ({r['steps']} steps): {per}")
+        out += tradeoff_table(mine) + curve_table(mine) + selection_table(mine)
+        if notes_of(store, m):
+            out += ["", "### Notes", ""] + [f"- {note}" for note in notes_of(store, m)]
+    out += ["", "## Protocol and hardware", "", f"Hardware: {store.get('hardware', '?')}.", ""]
+    out += [f"- {note}" for note in notes_of(store, "general")] + ([""] if notes_of(store, "general") else [])
     if store.get("overhead"):
         out += ["## Training-loop overhead", "",
                 "Steps/s of the full script's training loop (sampling by index on the device, normalisation, schedules,",
@@ -665,6 +787,103 @@ def render(store, path):
                        f"`{o['command']}` |")
         out.append("")
     Path(path).write_text("\n".join(out))
+
+
+def plots(store, out, pictures=PICTURES):
+    """Draw the README rows' pictures into `pictures`: per row its target test accuracy over the steps (mean and
+    min-max band over seeds) beside the source accuracy and the method's own signals; for the image methods, the
+    grid one of the row's runs saved. Needs matplotlib (optional: only this uses it). Returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    Path(pictures).mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def band(series):  # [[(step, value), ...] per seed] -> steps, mean, min, max on the first seed's steps
+        series = [s for s in series if s]
+        steps = np.array([p[0] for p in series[0]], dtype=float)
+        ys = np.stack([np.interp(steps, [p[0] for p in s], [p[1] for p in s]) for s in series])
+        return steps, ys.mean(0), ys.min(0), ys.max(0), len(series)
+
+    for m, t, paper, r in headline(store):
+        curves = [c for c in (r or {}).get("extra", {}).get("curve") or [] if c and len(c) > 1]
+        if not curves:
+            continue
+        ex = r["extra"]
+        evals = [e for e in ex.get("evals") or [] if e]
+        signals = [s for s in ex.get("signals") or [] if s]
+        panels = 1 + bool(evals) + bool(signals)
+        fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.1), squeeze=False)
+        ax = axes[0][0]
+        steps, mean, lo, hi, n = band(curves)
+        ax.fill_between(steps, lo, hi, alpha=0.25, label=f"min-max over {n} seeds" if n > 1 else None)
+        ax.plot(steps, mean, label="target test acc" + (" (mean)" if n > 1 else ""))
+        if paper is not None:
+            ax.axhline(paper, color="k", ls="--", lw=0.8, label=f"paper {paper:.1f}")
+        ax.set(xlabel="step", ylabel="%", title=f"{m} {t}: target")
+        ax.legend(fontsize=7)
+        k = 1
+        if evals:
+            ax = axes[0][k]
+            k += 1
+            for key, label in (("source_test_acc", "source test acc"), ("source_val_acc", "source val acc")):
+                if all(any(key in e for e in run) for run in evals):
+                    steps, mean, lo, hi, n = band([[(e["step"], e[key]) for e in run if key in e] for run in evals])
+                    ax.fill_between(steps, lo, hi, alpha=0.25)
+                    ax.plot(steps, mean, label=label)
+                    break
+            own = sorted({key for run in evals for e in run for key in e} - {"step", "acc", "source_test_acc",
+                                                                           "source_val_acc", *VALIDATORS})
+            for key in own:
+                if all(any(key in e for e in run) for run in evals):
+                    steps, mean, _, _, _ = band([[(e["step"], e[key]) for e in run if key in e] for run in evals])
+                    ax.plot(steps, mean, label=key)
+            ax.set(xlabel="step", ylabel="%", title="source accuracy and own evaluation signals")
+            ax.legend(fontsize=7)
+        if signals:
+            ax = axes[0][k]
+            keys = sorted({key for run in signals for rec in run for key in rec} - {"step"})
+            for key in keys:
+                if all(any(key in rec for rec in run) for run in signals):
+                    steps, mean, _, _, _ = band([[(rec["step"], rec[key]) for rec in run if key in rec] for run in signals])
+                    ax.plot(steps, mean, label=key, lw=1)
+            ax.set(xlabel="step", title="training signals (running means)", yscale="symlog", )
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = Path(pictures) / f"{m}_{t}.png"
+        fig.savefig(path, dpi=72)
+        plt.close(fig)
+        written.append(path)
+    for m, t, _, r in headline(store):
+        if m not in GRIDS or r is None:
+            continue
+        src = grid_source(r, out)
+        if src is not None:
+            from PIL import Image
+            with Image.open(src) as img:
+                img = img.convert("RGB")
+                if img.width > 900:
+                    img = img.resize((900, round(img.height * 900 / img.width)))
+                img.save(Path(pictures) / f"{m}_{t}_grid.png", optimize=True)
+            written.append(Path(pictures) / f"{m}_{t}_grid.png")
+    return written
+
+
+def grid_source(row, out):
+    """The image grid of one of a row's runs: its stored run folder, else a run folder under `out` whose summary is
+    one of the row's runs (same method, task, variant, steps, seed and target accuracy)."""
+    name = GRIDS[row["method"]]
+    for d in row.get("extra", {}).get("run_dir") or []:
+        if d and (HERE / d / name).exists():
+            return HERE / d / name
+    runs = {(s, round(a, 2)) for s, a in zip(row["seeds"], row["target_acc"])}
+    for summary in sorted(Path(out).glob(f"{row['method']}__{row['task']}__*/summary.json")):
+        sm = json.loads(summary.read_text())
+        if (sm.get("variant") == row["variant"] and sm.get("steps") == row["steps"]
+                and (sm.get("seed"), round(sm.get("target_acc", -1), 2)) in runs and (summary.parent / name).exists()):
+            return summary.parent / name
+    return None
 
 
 def load_store(path):
@@ -726,14 +945,31 @@ def overhead(task, steps, threads, reps=3):
             "script": s, "bare": b, "ratio": b / s, "script_all": script, "bare_all": bare}
 
 
+def publish(store, args):
+    """RESULTS.md, and the README's table when there is a README to keep in step with the store."""
+    render(store, args.markdown)
+    if args.readme:
+        write_readme(store, args.readme)
+
+
 def main():
     args = parse_args()
     store = load_store(args.results)
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plots needs matplotlib: pip install matplotlib", file=sys.stderr)
+            sys.exit(2)
+        for f in plots(store, args.out):
+            print(f"wrote {f} ({f.stat().st_size // 1024} KB)", flush=True)
+        publish(store, args)
+        return
     if args.collect:  # the run folders are the source of truth: rows from whatever finished, on any machine
         done = collect(args.collect)
         add_rows(store, done)
         save_store(store, args.results)
-        render(store, args.markdown)
+        publish(store, args)
         print(f"{len(done)} finished runs under {args.collect} -> {args.results}, {args.markdown}", flush=True)
         return
     store["hardware"] = hardware()
@@ -743,7 +979,7 @@ def main():
                                  args.speed_modes):
             store.setdefault("speed", {})[key] = record
             save_store(store, args.results)
-            render(store, args.markdown)
+            publish(store, args)
         return
     if args.overhead:
         for task in args.tasks:
@@ -751,7 +987,7 @@ def main():
             print(json.dumps(o), flush=True)
             store.setdefault("overhead", {})[f"{task}__{threads}"] = o
         save_store(store, args.results)
-        render(store, args.markdown)
+        publish(store, args)
         return
     rows = PLANS[args.plan] if args.plan else [(m, args.tasks, []) for m in args.methods]
     rows = [(m, tasks, flags + args.extra + (["--device", args.device] if args.device else [])) for m, tasks, flags in rows]
@@ -785,7 +1021,7 @@ def main():
     store["hardware"] = hardware()
     add_rows(store, [(j + (threads,), r) for j, r in zip(jobs, results)])
     save_store(store, args.results)
-    render(store, args.markdown)
+    publish(store, args)
     failed = sum(r is None for r in results)
     if failed:
         sys.exit(f"error: {failed} of {len(results)} runs failed; see {args.out}/logs")

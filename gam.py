@@ -1,122 +1,61 @@
 """GAM: Domain Transfer Through Deep Activation Matching (Huang, Huang, Kraehenbuehl, ECCV 2018).
 
 A source network F^s (ADDA LeNet) is trained on labelled source images and frozen. The target network F^t starts
-as a copy of it and is adapted, without target labels, so that the distribution of its activations on target
-images matches F^s's activations on source images at several layers (eq. 1), while its weights stay close to
-F^s's (the weight-drift regulariser).
+as a copy and is adapted without target labels so that its activations on target images match F^s's on source
+images in distribution at several layers (eq. 1), while its weights stay close to F^s's (weight drift).
 
 Implemented:
-  * Stage 1, source training: Adam lr 1e-3, batch 128, 10k steps (official code). `--source-ckpt PATH` caches it:
-    loaded if PATH exists (and was trained with the same source data, seed and stage-1 flags), else trained and
-    saved there, so every variant of one seed adapts the same F^s. Loaded or trained in the run, the numbers that
-    follow are the same: stage 1 draws from copies of the random streams and leaves stage 2's untouched.
-  * Gaussian i.i.d. matching (Sec. 4.1, eq. 2): for every conv/fc layer from the input upward, each output channel k
-    of F^t is scaled and shifted (alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into the layer's
-    weight and bias) so that its target activations have the source activations' mean and std; each layer's target
-    statistics are measured after the layers below it were matched. `--mode gaussian` stops here.
-  * General activation matching (Sec. 4.2, eq. 3): one discriminator per matched layer (ADDA's 500-500-2 MLP with
-    ReLU); standard GAN loss for the discriminators, inverted labels for F^t; weight drift
-    sum over tensors of mean((W^ref - W^t)^2) (official code). `--gan-update official` (default), as
-    RsEnts/DAM_release digits_classification/tools/train_adda.py: each discriminator sees [source; target] once per
-    iteration, both losses are cross entropies averaged over all 2B rows (F^t's with the labels inverted, so its
-    adversarial gradient is half a target-rows mean, relative to the drift term), and the discriminators and F^t are
-    updated together from that one forward (the release: two minimize ops of one Adam in one sess.run).
-    `--gan-update alternating` (this file's earlier default): the discriminators step, then F^t on the updated
-    ones, its GAN loss over the target rows only (= the official balance with --drift 0.5). Digit defaults: the 500-d hidden layer (weight 0.1)
-    and the logits (weight 1.0); discriminators pre-trained 500 iterations; Gaussian matching as initialisation
-    (the paper: "crucial").
-  * One GAN at a time (Sec. 5: "For digit classification, we found it to be more stable to add one GAN at a time,
-    after the training for the previous GAN converged"), the default `--gan-schedule converged`: the GANs are added
-    in --gan-layers order, from the input upward as in the Gaussian matching (the 500-d hidden layer, then the
-    logits; the paper gives no order, and the logits first is worse on U->M, see below). The paper does not say
-    how it judged convergence; here only a training signal does: the next GAN joins once the discriminator loss has
-    flattened, its mean over a window of 500 iterations (the discriminators' pre-training length) within 5 % of the
-    window before (`--converge-window`, `--converge-tol`, fixed before any run, never tuned on target labels), and
-    at the latest after an equal share of the iterations. On M<->U the first GAN's loss flattens at iteration
-    1,500-2,500 (U->M seed 0, window means 0.219, 0.070, 0.074, 0.076).
-    `--gan-schedule equal-shares` adds each GAN after an equal share instead (5,000 of the official 10,000 for two
-    GANs, long after the loss has flattened; the earlier default); `--gan-schedule joint` trains all GANs from the
-    start, as the released code does.
-  * `--restart-emptied N` (not in the paper; off by default): the GAN stage can send all the target images of one
-    class to another class and stay there (U->M: two of six runs read most MNIST 7s as 9s, see below). With N > 0,
-    when the first GAN has converged, a label-free check decides whether the second GAN joins or the whole GAN stage
-    starts again at full length (F^t from its Gaussian-matched start, fresh discriminators pre-trained again, new
-    batches), at most N times; the iterations of a dropped attempt are extra (`gan_restarts` in summary.json). The
-    check (common.predict_target, also in every summary.json as `class_shares`) names a class that is predicted on
-    under a third as many target training images as its share of the source labels; it reads no target label but
-    assumes no class is far rarer in the target than in the source. A run in which no class empties is the same,
-    bit for bit, as one without the flag.
-  * ADDA is the special case `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0`; with `--drift 1`
-    it is Table 1's "ADDA + our regularization"; `--drift 0` alone is "GAM (no regularization)".
-  * Label-distribution mismatch (Table 2): `--source-subset` / `--target-subset {full,odd,even}` remove half of
-    the odd or even digits from a training split (test splits are never changed).
+  * Stage 1, source training: Adam lr 1e-3, batch 128, 10k steps (official code). `--source-ckpt PATH` caches F^s
+    (loaded if PATH exists and was trained with the same source data, seed and stage-1 flags, else trained and
+    saved); loaded or trained, stage 2 is the same (stage 1 draws from copies of the random streams).
+  * Gaussian i.i.d. matching (Sec. 4.1, eq. 2): for every conv/fc layer from the input upward, each output channel
+    of F^t is scaled and shifted (alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into weight and bias),
+    its target statistics measured after the layers below were matched. `--mode gaussian` stops here.
+  * General activation matching (Sec. 4.2, eq. 3): one discriminator per matched layer (ADDA's 500-500-2 MLP),
+    standard GAN loss for them, inverted labels for F^t, weight drift sum over tensors of mean((W^ref - W^t)^2).
+    `--gan-update official` (default), as RsEnts/DAM_release digits_classification/tools/train_adda.py: each
+    discriminator sees [source; target] once per iteration, both cross entropies average all 2B rows (F^t's
+    adversarial gradient: half a target-rows mean), and the discriminators and F^t are updated together from that
+    one forward (two minimize ops in one sess.run). `alternating` (the earlier default): the discriminators step,
+    then F^t on the updated ones over the target rows only (= official with --drift 0.5). Digit defaults: the
+    500-d hidden layer (weight 0.1) and the logits (1.0), 500 discriminator pre-training iterations, Gaussian init.
+  * One GAN at a time (Sec. 5: for digits "more stable to add one GAN at a time, after the training for the previous
+    GAN converged"), `--gan-schedule converged` (default): in --gan-layers order, input upward (the paper gives no
+    order, nor how it judged convergence), the next GAN joins once the discriminator loss's 500-iteration window
+    mean is within 5 % of the window before (`--converge-window`, `--converge-tol`, fixed before any run, never
+    tuned on target labels), at the latest after an equal share of the iterations. `equal-shares`: after equal
+    shares (the earlier default); `joint`: all GANs from the start, as the released code.
+  * `--restart-emptied N` (not in the paper; off), as the GAN stage can send all target images of one class to
+    another: when the first GAN has converged and a label-free check (common.predict_target, `class_shares` in
+    summary.json) names a class predicted on under a third of its source-label share of the target training images
+    (assumes no class is far rarer in the target), the GAN stage starts again at full length (F^t from its Gaussian
+    start, fresh discriminators), at most N times (`gan_restarts`); bit for bit the same if no class empties.
+  * ADDA = `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0` (`--drift 1`: "ADDA + our
+    regularization"; `--drift 0` alone: "GAM (no regularization)"). Table 2: `--source-subset`/`--target-subset
+    {odd,even}` remove half of the odd or even digits from a training split (test splits never change).
+  * `--recipe` (the paper and its released code disagree; --optimizer, --lr, --steps, --drift override it):
+    `official` (default), Adam lr 2e-4, beta1 0.5, 10k iterations, drift 1 (the released digits code, whose README
+    reports 95 / 98 / 74 for M->U / U->M / S->M); `paper`, SGD lr 1e-4, momentum 0.9, 20k iterations, drift 0.5.
 
-Two recipes (`--recipe`), since the paper and its released code disagree:
-  * `official` (default): Adam lr 2e-4, beta1 0.5, 10k iterations, drift weight 1 (the released digits code, whose
-    README reports 95 / 98 / 74 for M->U / U->M / S->M).
-  * `paper`: SGD lr 1e-4, momentum 0.9, 20k iterations, drift weight 0.5 ("we half the weight regularization").
-  Each of --optimizer, --lr, --steps and --drift overrides its recipe value.
+Evaluation: the final F^t (never selected on target labels) on the target and source *test* splits; summary.json
+adds `target_train_acc` (ADDA's and the official protocol: the target *train* split), no-adaptation, Gaussian-only.
 
-Evaluation protocol: accuracy of the final F^t on the target *test* split and on the source test split; never
-selected on target labels. The official scripts (ADDA's protocol, which the paper follows) scored the target *train*
-split, the images F^t adapted on: summary.json's `target_train_acc` is that number for the final F^t. summary.json
-also holds F^s's target accuracy ("no adaptation") and, with Gaussian initialisation, the Gaussian-only accuracy.
-
-Deviations, each a flag or stated here:
+Deviations, each with its reason:
   * Inputs 28x28 gray in [0, 1] (`--input-range`), as the official code; SVHN is converted to gray and resized.
-  * Our LeNet has dropout (ADDA/CyCADA PyTorch LeNet); it is active in stage 1 only: statistics, activations for
-    matching and evaluation use eval mode. The official TF LeNet has no dropout: `--no-source-dropout` trains F^s
-    without it (its own --source-ckpt files; a file trained with dropout is refused).
+  * Our LeNet (ADDA/CyCADA PyTorch) has dropout, in stage 1 only; `--no-source-dropout` matches the official TF LeNet.
   * The drift reference is F^t's initialisation (F^s after Gaussian matching), so that the drift term does not pull
     the Gaussian-matched scales back; `--drift-ref source` uses F^s's weights as in eq. 1.
-  * Two Adam objects (F^t, discriminators) where the release shares one: each parameter's moments are its own either
-    way; the release's shared bias-correction counter advances twice per iteration (no effect after a few hundred).
-  * The official stage 1 puts L2 2.5e-5 on the LeNet's weights (tools/train.py, get_total_loss); ours has none by
-    default (`--source-l2 2.5e-5` with `--no-source-dropout` trains the official F^s; not yet measured here).
+  * Two Adam objects (F^t, discriminators) where the release shares one: each parameter's moments are its own
+    either way; only the shared bias-correction counter differs (no effect after a few hundred iterations).
+  * No stage-1 L2 by default (the official tools/train.py, get_total_loss: 2.5e-5), as every measured row;
+    `--source-l2 2.5e-5 --no-source-dropout` trains the official F^s (not yet measured).
 
-Paper numbers (Table 1, target accuracy): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM (full) 95.7
-+- 0.5 / 98.0 +- 0.5 / 74.6 +- 1.1 for M->U / U->M / S->M. Measured here (RESULTS.md, final model, target test
-split), with the official update (the default): U->M seeds 2 and 5, the two that stalled below, end at 98.10 /
-97.96 (F^s files trained afresh; no class emptied); the alternating update on the same F^s gives seed 2 98.03,
-so on these files it does not stall either way. Everything below was measured with the
-alternating update on an earlier set of F^s files (RESULTS.md marks those rows). Default `converged` schedule (the
-second GAN joined at iteration 1,500-2,000 on U->M, 2,000-2,500 on M->U): U->M 95.34 +- 4.26 over 6 seeds (98.06 /
-98.14 / 89.98 / 98.08 / 98.07 / 89.70), M->U 94.57 +- 0.05 (3 seeds).
-  * U->M: four of six seeds pass the paper's 98.0. Seeds 2 and 5 stall near 90 the same way: F^t reads about 80 %
-    of MNIST's 7s as 9s (795 and 820 of 1,028) and no later step undoes it. The mapping forms within the first
-    GAN's first 1,000 steps (seed 2: 7's share of the predictions over its share of the USPS labels is 0.52 at step
-    250, 0.38 at 500, 0.24 at 750), and the label-free class check names it at the end (7 gets 1.5-2.3 % of the
-    predictions against 8.8 % of the USPS labels); it names no other U->M run. It comes from stage 2's random
-    draws (discriminator initialisation, batch order) for seed 2: runs that trained F^s in the same process, when
-    stage 1 still advanced the random streams stage 2 draws from, reached 97.69 / 97.69 / 97.63 with equal-shares
-    from the same F^s files. With `--restart-emptied 2` seed 2 restarts once and ends at 97.90; seed 5 maps 7 onto
-    9 in all three attempts and ends at 90.63, so for its F^s it is more than one unlucky draw; the seeds in which
-    no class empties are unchanged (98.06 / 98.14 / 98.08 / 98.07): 96.81 +- 3.03 over seeds 0-5.
-    The start does not foretell a stall: the Gaussian-matched F^t reads 114 (seed 2) and 270 (seed 5) of MNIST's
-    1,028 test 7s as 9s, the four runs that end at 98 read 120-340. Neither the other order nor the paper's text
-    recipe avoids it: the logits' GAN first (`--gan-layers fc4,relu3 --gan-weights 1.0,0.1`) gives 80.12 / 94.46
-    / 97.95 / 89.82 (seeds 0 / 1 / 2 / 5; class 7 read as 4 in seed 0, as 9 in seeds 1 and 5), and `--recipe
-    paper` (SGD) rises slowly and ends at 85.74 / 84.40 after 20k iterations (seeds 2 / 5, class 7 emptied in
-    both). Class 7 is the one that goes in every stalled run.
-    No single part of the method is the cause. On seed 2, no Gaussian start (`--no-gaussian-init`: 89.99) or no
-    drift (`--drift 0`: 89.74) still stalls; without the hidden layer's GAN (`--gan-layers fc4 --gan-weights 1`)
-    seed 2 reaches 97.87, but that variant loses 7 on seeds 0 (81.39, read as 4) and 5 (89.54) and part of it on
-    seeds 1 (91.84) and 4 (83.84): 90.45 +- 6.98 over the 6 seeds. ADDA keeps 7 on seeds 0-2, not all of it on
-    seeds 4 and 5 (79.70, 92.55), and loses it on seed 3 (90.57): 91.84 +- 6.42 over the 6 seeds, below the
-    default on seeds 0, 1, 3 and 4. F^s trained without dropout, as the official TF LeNet
-    (`--no-source-dropout`, other stage-1 files), takes seed 2 to 98.03 and seed 5 still maps 7 onto 9 (89.12);
-    seeds 0 / 1, which pass with dropout, give 89.65 (7 -> 9) / 93.95: 92.69 +- 4.17 over seeds 0-2 and 5.
-    On the same seeds and draws, equal-shares gives 96.51 / 96.99 / 89.67 (M->U 94.22 / 94.17 / 93.97): joining
-    the second GAN once the first has converged, not half-way, is worth 1.15-1.55 points on U->M where the run does
-    not stall, and 0.35-0.55 on every M->U seed.
-  * M->U levels off at 94-95 under every schedule, 1.1 under the paper. The gap is the evaluation split: on the USPS
-    *train* split (the official protocol) the same final models score 96.02 / 96.59 / 96.61 (96.41 +- 0.33), above
-    the paper's 95.7; USPS's test split is about 2 points harder for every model here, F^s included.
-  * The joint schedule gives M->U 94.40 +- 0.72 and U->M 88.51 +- 10.54 (98.29 / 77.35 / 89.90): each joint U->M
-    run settles within its first 2,000 adaptation steps on a plateau it keeps to the end. ADDA
-    (`--gan-layers fc4 ...`) varied the same way on an earlier set of F^s files (85.34 / 97.16 / 94.97); on the
-    files the other rows adapt it gives 95.69 / 95.15 / 97.39 / 90.57 / 79.70 / 92.55 (seeds 0-5; M->U 90.13
-    +- 1.01).
+Paper (Table 1, M->U / U->M / S->M): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM 95.7 +- 0.5 /
+98.0 +- 0.5 / 74.6 +- 1.1. Measured (RESULTS.md; final F^t, target test split), `python gam.py --task usps-mnist
+--seed S --source-ckpt FILE` plus the flags named: seeds 2 / 5 98.10 / 97.96. `--gan-update alternating` (earlier
+F^s files): U->M 95.34 +- 4.26 over 6 seeds (2 read most MNIST 7s as 9s and stall near 90), 96.81 +- 3.03 with
+`--restart-emptied 2`, 88.51 +- 10.54 (3 seeds) with `--gan-schedule joint`, ADDA 91.84 +- 6.42; M->U (`--task
+mnist-usps`) 94.57 +- 0.05 (3 seeds; 96.41 +- 0.33 on the USPS train split, above the paper's 95.7).
 """
 
 import argparse
@@ -133,10 +72,8 @@ from common import (GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_
                     load_task, main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint,
                     save_source, setup_torch, to_float, train_source, write_args)
 
-RECIPES = {
-    "official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
-    "paper": dict(optimizer="sgd", lr=1e-4, steps=20000, drift=0.5),
-}
+RECIPES = {"official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
+           "paper": dict(optimizer="sgd", lr=1e-4, steps=20000, drift=0.5)}
 PAPER_GANS = (["relu3", "fc4"], [0.1, 1.0])  # Sec. 5: the last two layers, the penultimate one scaled by 0.1
 
 
@@ -144,20 +81,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = add_shared_args(p, task="mnist-usps", steps=None, steps_help="adaptation iterations (default: the recipe's)",
                            log_every=500, eval_every=2000, input_range="0,1")
-    data.add_argument("--source-subset", default="full", choices=["full", "odd", "even"],
-                      help="Table 2: remove half of the odd/even digits from the source train split")
-    data.add_argument("--target-subset", default="full", choices=["full", "odd", "even"],
-                      help="Table 2: remove half of the odd/even digits from the target train split")
+    for d in ("source", "target"):
+        data.add_argument(f"--{d}-subset", default="full", choices=["full", "odd", "even"],
+                          help=f"Table 2: remove half of the odd/even digits from the {d} train split")
     g = p.add_argument_group("stage 1: source network F^s")
     g.add_argument("--source-ckpt", default=None,
                    help="F^s cache file: loaded if it exists (same source data/seed/stage-1 flags), else trained and saved")
     g.add_argument("--source-steps", type=int, default=10000, help="source training steps (official: 10k)")
     g.add_argument("--source-lr", type=float, default=1e-3, help="Adam learning rate for F^s (official: 1e-3)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per domain, both stages")
-    g.add_argument("--no-source-dropout", action="store_true",
-                   help="train F^s without the LeNet's dropout, as the official TF LeNet (which has none)")
-    g.add_argument("--source-l2", type=float, default=0.0,
-                   help="L2 on F^s's weights (not biases) in stage 1; the official tools/train.py: 2.5e-5")
+    g.add_argument("--no-source-dropout", action="store_true", help="train F^s without dropout (the official TF LeNet)")
+    g.add_argument("--source-l2", type=float, default=0.0, help="L2 on F^s's weights, not biases (official: 2.5e-5)")
     g = p.add_argument_group("stage 2: activation matching (defaults: the paper's digit setting)")
     g.add_argument("--mode", default="gam", choices=["source-only", "gaussian", "gam"],
                    help="stop after stage 1, after Gaussian matching, or run the full GAN matching")
@@ -170,19 +104,16 @@ def parse_args(argv=None):
     g.add_argument("--gan-layers", default="relu3,fc4", help="LeNet layers matched by GANs (relu3: 500-d hidden)")
     g.add_argument("--gan-weights", default="0.1,1.0", help="loss weight per matched layer")
     g.add_argument("--gan-schedule", default="converged", choices=["converged", "equal-shares", "joint"],
-                   help="converged (the paper's digit schedule, one GAN at a time): the next GAN, in --gan-layers "
-                        "order, joins once the discriminator loss has flattened (--converge-*), at the latest where "
-                        "equal-shares adds it; equal-shares: the next GAN joins every steps/len(layers) iterations; "
-                        "joint: all GANs from the start (the released code)")
-    g.add_argument("--converge-window", type=int, default=500,
-                   help="converged: the discriminator loss is averaged over windows of this many iterations")
-    g.add_argument("--converge-tol", type=float, default=0.05,
-                   help="converged: flattened = a window's mean within this fraction of the window before")
+                   help="converged (the paper's, one GAN at a time): the next GAN in --gan-layers order joins once "
+                        "the discriminator loss has flattened (--converge-*), at the latest where equal-shares adds "
+                        "it; equal-shares: every steps/len(layers) iterations; joint: all at once (released code)")
+    g.add_argument("--converge-window", type=int, default=500, help="converged: discriminator-loss window, in iterations")
+    g.add_argument("--converge-tol", type=float, default=0.05, help="converged: max relative change of the window mean")
     g.add_argument("--restart-emptied", type=int, default=0,
-                   help="not in the paper (0: off): when the first GAN has converged and the label-free class check "
-                        "names a class (predicted under a third as often on the target training images as it is "
-                        "labelled in the source), start the GAN stage again at full length (F^t from its Gaussian-"
-                        "matched start, fresh discriminators), up to this many times; converged schedule only")
+                   help="not in the paper (0: off; converged schedule only): when the first GAN has converged and the "
+                        "label-free class check names a class (predicted on under a third as many target train "
+                        "images as its source-label share), restart the GAN stage at full length (Gaussian-matched "
+                        "F^t, fresh discriminators), up to this many times")
     g.add_argument("--gan-update", default="official", choices=["official", "alternating"],
                    help="official (train_adda.py): one forward of each discriminator over [source; target], both "
                         "losses averaged over all 2B rows, discriminators and F^t updated together from it; "
@@ -193,10 +124,8 @@ def parse_args(argv=None):
     check_args(args, positive=("lr", "source_lr", "converge_tol"),
                at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
                non_negative=("drift", "disc_pretrain", "restart_emptied", "source_l2"))
-    # derived defaults, resolved here so that args.json records the values used
-    for k, v in RECIPES[args.recipe].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    for k, v in RECIPES[args.recipe].items():  # derived defaults, resolved here so that args.json records them
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.layers = [s.strip() for s in args.gan_layers.split(",") if s.strip()]
     try:
         args.weights = [float(w) for w in args.gan_weights.split(",")]

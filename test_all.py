@@ -10,6 +10,7 @@ folders + label files and its .tar.gz), so the real loading code runs. When the 
 (UDA_DATA_DIR; CI sets it), short real runs check a calibrated accuracy threshold and the folder-task loader.
 """
 
+import ast
 import bz2
 import copy
 import importlib.util
@@ -17,6 +18,8 @@ import io
 import json
 import math
 import os
+import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -1864,8 +1867,8 @@ def test_benchmark_labels_rows_that_differ_only_by_a_protocol_flag(tmp_path):
     assert benchmark.shown(store["rows"]["a"]) == "calibrator"
     assert benchmark.shown(store["rows"]["b"]) == "calibrator (stage 1: 30 epochs) (target val)"
     benchmark.render(store, tmp_path / "R.md")
-    table = [line for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("| calibrator |")]
-    assert len(table) == 2 and len(set(t.split(" | ")[2] for t in table)) == 2 and all("97.10" in t for t in table)
+    table = [line for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("| usps-mnist |")]
+    assert len(table) == 2 and len(set(t.split(" | ")[1] for t in table)) == 2 and all("97.10" in t for t in table)
 
 
 
@@ -1891,7 +1894,7 @@ def test_benchmark_merges_seeds_and_renders_the_calibrator_tradeoff(tmp_path):
     benchmark.render(store, tmp_path / "R.md")
     md = (tmp_path / "R.md").read_text()
     # source change per seed: 96-96.5, 97-96.5, 98-96.5 -> mean 0.5; ratios as percentages
-    assert "## Calibrator: accuracy trade-off and cost" in md and "| 0.50 ± 1.00 |" in md and "| defaults | 7 |" in md
+    assert "### Calibrator: accuracy trade-off and cost" in md and "| 0.50 ± 1.00 |" in md and "| defaults | 7 |" in md
     assert "10 (5.00%)" in md and "1.00M (25.0%)" in md and "70.00 ± 0.00" in md
 
 
@@ -2193,7 +2196,7 @@ def test_benchmark_renders_the_model_selection_table(tmp_path):
                                                               "evals": evals}}
     benchmark.render({"rows": {"k": row}}, tmp_path / "R.md")
     md = (tmp_path / "R.md").read_text()
-    assert "## Model selection without target labels" in md
+    assert "### Model selection without target labels" in md
     assert "| dann | mnist-usps | dann | 9 | 2 | 75.00 ± 7.07 | — | 55.00 ± 7.07 (ρ 1.00) | — | — | — | 99.00 ± 0.00 |" in md
 
 
@@ -2211,3 +2214,94 @@ def test_stage1_weight_decay_reaches_the_biases_only_when_asked(decay_biases):
         big = before[k].abs() > 1e-3
         shrunk = (p.detach().abs() < before[k].abs())[big]
         assert shrunk.all() if (p.dim() > 1 or decay_biases) else not shrunk.all(), k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a newcomer reads: the README's commands and table, the pictures, the docstrings' length
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def readme_commands(text):
+    """Every `python <script>.py ...` command the README prints: in bash blocks (continued lines joined) and in
+    inline code (the table's `for s in ...; do python ...; done` loops), with the loop's seed variable set to 0."""
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        cmds += [line.split("#")[0] for line in block.replace("\\\n", " ").splitlines()]
+    cmds += re.findall(r"`([^`\n]*python [a-z_0-9]+\.py[^`\n]*)`", text)
+    out = []
+    for c in cmds:
+        for part in re.split(r";|&&", c):
+            m = re.search(r"python ([a-z_0-9]+)\.py(.*)", part)
+            if m:
+                out.append((m.group(1), shlex.split(m.group(2).replace("${s}", "0").replace("$s", "0"))))
+    return out
+
+
+def test_every_command_the_readme_prints_parses(monkeypatch, tmp_path):
+    cmds = readme_commands((HERE / "README.md").read_text())
+    assert {s for s, _ in cmds} >= set(SCRIPTS) | {"benchmark"} and len(cmds) >= 14
+    monkeypatch.chdir(tmp_path)  # the folders an own-data command names exist (empty) here
+    for script, argv in cmds:
+        for flag_, value in zip(argv, argv[1:]):
+            if flag_.endswith("-dir"):
+                (tmp_path / value).mkdir(parents=True, exist_ok=True)
+        if script == "benchmark":
+            monkeypatch.setattr(sys, "argv", ["benchmark.py", *argv])
+            args = benchmark.parse_args()
+            assert all(m in benchmark.METHODS for m in args.methods)
+        else:
+            args = SCRIPTS[script].parse_args(argv)
+            assert not args.resume
+
+
+def test_the_readme_table_is_results_json():
+    """The README's results table is what benchmark.py renders from results.json, so the two cannot drift."""
+    text = (HERE / "README.md").read_text()
+    table = text.split(benchmark.README_BEGIN, 1)[1].split(benchmark.README_END, 1)[0].strip().splitlines()
+    store = benchmark.load_store(HERE / "results.json")
+    assert table == benchmark.readme_table(store) and len(table) == 2 + len(benchmark.HEADLINE)
+    for (m, t, _, row), line in zip(benchmark.headline(store), table[2:]):
+        assert line.startswith(f"| {m} | {t} |") and (row is None or benchmark.mean_std(row["target_acc"]) in line)
+
+
+def test_readme_and_docstrings_stay_short():
+    assert len((HERE / "README.md").read_text().split()) <= 1500
+    for script in SCRIPTS:
+        doc = ast.get_docstring(ast.parse((HERE / f"{script}.py").read_text()), clean=False)
+        assert len(doc.splitlines()) <= 60, script
+    assert len((HERE / "gam.py").read_text().splitlines()) < 395
+
+
+def test_benchmark_plots_curves_and_grids_from_a_stored_row(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="optional: pip install matplotlib (only benchmark.py --plots uses it)")
+    run = tmp_path / "runs" / "pixelda__mnist-usps__0__x"
+    run.mkdir(parents=True)
+    Image.fromarray(np.zeros((120, 200, 3), np.uint8)).save(run / "samples_final.png")
+    (run / "summary.json").write_text(json.dumps({"variant": "pixelda", "steps": 40, "seed": 0, "target_acc": 71.0}))
+    evals = lambda off: [{"step": s, "acc": 50.0 + s + off, "source_test_acc": 90.0 + s / 10, "im": 1.0,  # noqa: E731
+                          "t_acc_on_fake": 80.0} for s in (10, 20, 40)]
+    signals = [{"step": s, "loss_d": 1.0 / s, "loss_g": 2.0} for s in (5, 10, 20, 40)]
+    row = {"method": "pixelda", "task": "mnist-usps", "variant": "pixelda", "flags": "", "steps": 40, "seeds": [0, 1],
+           "target_acc": [71.0, 75.0], "source_acc": [99.0, 99.0], "seconds": [1.0, 1.0], "device": "cpu",
+           "command": "x", "extra": {"curve": [[[10, 60.0], [20, 70.0], [40, 71.0]], [[10, 62.0], [20, 73.0], [40, 75.0]]],
+                                     "evals": [evals(0), evals(2)], "signals": [signals, signals]}}
+    store = {"rows": {"k": row}}
+    written = benchmark.plots(store, tmp_path / "runs", pictures=tmp_path / "pics")
+    assert sorted(p.name for p in written) == ["pixelda_mnist-usps.png", "pixelda_mnist-usps_grid.png"]
+    for p in written:
+        with Image.open(p) as img:
+            assert img.format == "PNG" and img.width > 100 and p.stat().st_size < 200_000
+    benchmark.render(store, tmp_path / "R.md", pictures=tmp_path / "pics")
+    md = (tmp_path / "R.md").read_text()
+    assert "## pixelda" in md and "](pics/pixelda_mnist-usps.png)" in md and "](pics/pixelda_mnist-usps_grid.png)" in md
+
+
+def test_benchmark_reads_the_runs_evaluations_and_training_signals(tmp_path):
+    recs = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "steps_per_sec": 9.0} for s in range(1, 101)]
+    recs += [{"step": 100, "target_test_acc": 70.0, "source_test_acc": 99.0, "im": 1.5, "domain_err": 30.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    sig = benchmark.read_signals(tmp_path, points=10)
+    assert len(sig) == 10 and sig[0]["step"] == 1 and sig[-1]["step"] == 100 and "steps_per_sec" not in sig[0]
+    ev = benchmark.read_evals(tmp_path)
+    assert ev == [{"step": 100, "acc": 70.0, "source_val_acc": None, "entropy": None, "im": 1.5, "bnm": None,
+                   "snd": None, "source_test_acc": 99.0, "domain_err": 30.0}]
