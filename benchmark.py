@@ -1,4 +1,4 @@
-"""Run method scripts over tasks x seeds as subprocesses and (re)write RESULTS.md and results.json.
+r"""Run method scripts over tasks x seeds as subprocesses and (re)write RESULTS.md and results.json.
 
     python benchmark.py --methods dann --tasks mnist-usps usps-mnist mnist-mnistm --seeds 0 1 2 --jobs 2
     python benchmark.py --methods dann --tasks mnist-mnistm --seeds 0 1 2 --jobs 2 -- --lambda-max 0
@@ -11,6 +11,59 @@ Everything after `--` is passed to every run; `{task}` and `{seed}` in it are re
 (e.g. gam.py's per-seed stage-1 cache: `-- --source-ckpt ckpt/gam_{task}_{seed}.pt`). Each (method, task, extra flags) is one row; re-running the same
 row replaces it, other rows are kept (results.json is the store, RESULTS.md is rendered from it). Only measured
 runs appear. Each run's stdout/stderr is kept under <out>/logs/.
+
+Benchmarking
+------------
+
+```bash
+python benchmark.py --methods dann --tasks mnist-usps usps-mnist mnist-mnistm --seeds 0 1 2 --jobs 2
+python benchmark.py --methods dann --tasks mnist-mnistm --seeds 0 1 2 --jobs 2 -- --lambda-max 0   # source only
+python benchmark.py --overhead --tasks mnist-mnistm mnist-usps      # script loop vs bare forward+backward
+python benchmark.py --methods gam --tasks mnist-usps usps-mnist --jobs 2 -- --source-ckpt 'ckpt/gam_{task}_{seed}.pt'
+python benchmark.py --plan paper --dry-run               # the paper-length grid: every row, 3 seeds (60 runs)
+python benchmark.py --plan paper --device cuda --jobs 8 -- --cuda-graph on   # ... on one GPU, 8 runs at a time
+python benchmark.py --speed --device cuda --methods dann gam calibrator i2i_adapt pixelda --tasks mnist-usps
+python benchmark.py --plan paper --launcher submitit --partition gpu --no-wait -- --device cuda   # on SLURM, below
+```
+
+`{task}` and `{seed}` in the flags after `--` are replaced per run (here: one cached source network per task and
+seed, shared by all the GAM variants).
+
+It runs the scripts as subprocesses, collects each run's result (the JSON line its log ends with, the same as its
+`summary.json`) and rewrites `RESULTS.md` and `results.json`
+(one record per method, task and flags, with the per-seed accuracies, steps, seconds and commands).
+A seed that the store already holds for a row is not run again, and a run that a stopped benchmark left with a
+checkpoint is resumed, so a long grid can be split over several sittings. `--device cuda --jobs N` shares one GPU
+between N runs with one CPU thread each. `--speed` times each script alone (training steps/s, evaluation left out;
+on CUDA eager, `--amp`, `--compile`, `--compile reduce-overhead`, `--cuda-graph on` and that with `--amp`;
+`--speed-modes` picks some of them) and records the device with it in a table of its own: the rate after the first
+fifth of the steps (warm-up, a graph's recording and compilation left out), and over the whole run.
+
+On a cluster
+------------
+
+`benchmark.py --launcher submitit` submits every run of a grid as one task of a SLURM job array, through
+[submitit](https://github.com/facebookincubator/submitit). The paper grid (60 runs) on a GPU partition:
+
+```bash
+python benchmark.py --plan paper --launcher submitit --partition gpu --gpus-per-job 1 --cpus-per-job 4 \
+    --mem-gb 16 --timeout-min 240 --array-parallelism 20 --snapshot --no-wait -- --device cuda
+python benchmark.py --collect runs/benchmark     # any time later: rows from every run that has finished
+```
+
+What each flag becomes in the generated sbatch script (kept under `runs/benchmark/submitit/`):
+`--partition` → `#SBATCH --partition`, `--gpus-per-job` → `--gpus-per-node`, `--cpus-per-job` → `--cpus-per-task`
+(and the run's torch threads), `--mem-gb` → `--mem`, `--timeout-min` → `--time`, `--array-parallelism P` →
+`--array=0-N%P`; submitit adds `--signal=USR2@90`. A grid larger than `--max-array` (1,000, under SLURM's usual
+MaxArraySize) goes in several arrays. Each array task runs one script as a subprocess with `--ckpt-every 1000`; when
+SLURM's warning signal comes before the time limit (or a preemption), the task stops the script and is requeued,
+and the requeued task continues that run from its last checkpoint (`--resume`). A run whose folder already has its
+`summary.json` is not run again. The run folders are the source of truth: `--collect OUT` builds `results.json` and
+`RESULTS.md` from the `summary.json` files under OUT, so a half-finished grid shows what finished. `--snapshot` runs
+the jobs on a copy of the scripts taken at submit time, so edits made afterwards change nothing; without
+`--no-wait`, benchmark.py waits for the jobs and writes the rows itself. `--cluster local` runs the same jobs as
+processes on this machine (the tests use it). Setup errors (no `sbatch`, a partition sbatch refuses, a log folder
+that cannot be written) stop with one line and exit code 2, with nothing left submitted.
 """
 
 import argparse

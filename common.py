@@ -1,4 +1,4 @@
-"""Shared plumbing for the single-file UDA scripts: digit datasets, backbones, run utilities.
+r"""Shared plumbing for the single-file UDA scripts: digit datasets, backbones, run utilities.
 
 Only things that are *not* a method live here. Read top to bottom:
 
@@ -12,6 +12,208 @@ Only things that are *not* a method live here. Read top to bottom:
 Data root: `--data-dir`, else the environment variable UDA_DATA_DIR, else ./data.
 Decoded tensors are cached in `--cache-dir`, else UDA_CACHE_DIR, else ~/.cache/uda-digits (never inside the
 data root, which may be read-only).
+
+Reference: what the scripts share
+=================================
+
+A first run
+-----------
+
+`python dann.py --task mnist-usps` downloads MNIST and USPS into `./data` (about 15 MB), decodes
+them once into a cache, then trains for the paper-style 20,000 steps. Measured: 19 steps/s on the 2-core AMD EPYC
+of RESULTS.md's speed table (about 18 minutes; an earlier 2-core machine gave about 40, and a laptop with more cores
+is faster), and about 270 steps/s on one H200 GPU (about 75 seconds plus the start-up). While it trains, a line every 500 steps reads
+`step 1500/20000 | loss_y 0.1203 loss_d 0.6112 dom_acc 0.7105 lam 0.3581 lr 0.006574 | 41.2 steps/s | ETA 7m28s` (losses illustrative): the label
+loss, the domain classifier's loss and accuracy (near 0.5 means the features fool it), the adaptation weight λ and
+the learning rate of the paper's schedules, the training speed (evaluation excluded) and the time left. The last line
+printed is the result as JSON; the same is in `runs/dann__mnist-usps__0__<time>/summary.json` (`target_acc`: USPS
+test accuracy of the final model). **Offline**, put the files where the error message says, under `./data` (or
+`--data-dir`, or `UDA_DATA_DIR`): `MNIST/raw/train-images-idx3-ubyte.gz`, `MNIST/raw/train-labels-idx1-ubyte.gz`,
+`MNIST/raw/t10k-images-idx3-ubyte.gz`, `MNIST/raw/t10k-labels-idx1-ubyte.gz`, `usps.bz2` and `usps.t.bz2`; with
+`--no-download` nothing is fetched and a missing file is named.
+
+Tasks
+-----
+
+`--task` names a source → target pair. The target *train* split is the unlabeled adaptation data; accuracy is
+reported on the target *test* split (and the source *test* split) for the **final** model.
+
+| task | source (train / test) | target (train / test) | dann.py backbone |
+|---|---|---|---|
+| `mnist-mnistm` | MNIST 60,000 / 10,000 | MNIST-M 59,001 / 9,001 | `dann_mnist`, 32×32 RGB |
+| `svhn-mnist` | SVHN 73,257 / 26,032 | MNIST | `dann_svhn`, 32×32 RGB |
+| `syndigits-svhn` | SynDigits | SVHN | `dann_svhn`, 32×32 RGB |
+| `mnist-svhn` | MNIST | SVHN | `dann_svhn` (the DANN paper's failure case) |
+| `mnist-usps` | MNIST | USPS 7,291 / 2,007 | `lenet`, 28×28 gray |
+| `usps-mnist` | USPS | MNIST | `lenet`, 28×28 gray |
+
+Images are resized once to the backbone's input (bilinear), gray images are replicated to 3 channels for RGB
+backbones and RGB images converted to gray for gray ones; pixels are scaled to [-1, 1] on the device ([0, 1] in
+gam.py, as its official code; `--input-range` in dann.py and gam.py).
+
+Data
+----
+
+The data root is `--data-dir`, else the environment variable **`UDA_DATA_DIR`**, else `./data`. Files are in the
+layouts torchvision and the original releases use:
+
+| dataset | files under the data root | when missing |
+|---|---|---|
+| MNIST | `MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` | downloaded by torchvision (md5-checked) |
+| USPS | `usps.bz2`, `usps.t.bz2` (LIBSVM) | downloaded by torchvision (md5-checked) |
+| SVHN | `train_32x32.mat`, `test_32x32.mat` | downloaded from ufldl.stanford.edu with torchvision's md5s |
+| MNIST-M | `mnist_m/mnist_m_{train,test}/*.png` + `mnist_m/mnist_m_{train,test}_labels.txt`, or `mnist_m.tar.gz` holding them | `mnist_m.tar.gz` downloaded (Cornell box mirror, then Ganin's Google Drive file), md5 `859df31c91afe82e80e5012ba928f279` |
+| SynDigits | `synth_train_32x32.mat`, `synth_test_32x32.mat` (SVHN's .mat schema) | no stable URL: get `SynthDigits.zip` from Ganin's page and put the two files in the data root |
+
+`--no-download` never touches the network and fails with a message saying which file is missing. A file that
+is truncated or corrupt fails with a message saying so. An SVHN `.mat` already on disk whose md5 is not the
+official one is read with a warning (so you can use a re-saved copy). Every such error is one line starting with
+`error:` and the script exits with status 2, before any run folder is made.
+
+Each split is decoded once into a uint8 tensor `[N, C, H, W]`, converted for the task and cached in
+`--cache-dir`, else **`UDA_CACHE_DIR`**, else `~/.cache/uda-digits` (keyed by the source files' path, size and
+mtime; the files get the usual permissions, so a cache can be shared; a damaged or mis-shaped cache file is decoded
+again; a cache folder you cannot write is used read-only, with a warning). Reading never writes into the data root:
+MNIST `.gz` archives are decompressed in a temporary folder and `mnist_m.tar.gz` is read in place. Only a *download*
+of a missing file writes there, and only if the folder is writable: each file is downloaded into a temporary folder,
+md5-checked and then moved in, so a failed download leaves nothing behind (a missing MNIST-M archive goes into the
+cache when the data root is read-only). So a shared, read-only data folder works as it is:
+
+```bash
+export UDA_DATA_DIR=/path/to/datasets
+python dann.py --task mnist-mnistm
+```
+
+Your own data: folder tasks
+---------------------------
+
+Every script also adapts from a labelled folder of images to an unlabelled one. `--source-dir` (and
+`--target-dir`, optionally `--target-test-dir` and `--source-test-dir`) replace `--task`:
+
+```
+source/                 target/                    target_test/            (optional, for an accuracy)
+  cat/001.jpg ...         anything.png               cat/...
+  dog/...                 any/sub/folder/x.jpg       dog/...
+```
+
+- **Source** (and source test, target test): torchvision's ImageFolder layout, one sub-folder per class; the classes
+  are the sorted sub-folder names, at least two; the target test folder needs the same class names.
+- **Target**: any layout; sub-folder names are never read as labels. The run writes `predictions.csv` (file,
+  predicted class, confidence) for these images. Without `--target-test-dir` there is no target accuracy (the summary
+  says so); without `--source-test-dir` the source accuracy is measured on the source training images.
+- Images are read in the order of their file names, converted to the backbone's channels (gray or RGB; palettes and
+  alpha are converted), centre-cropped to a square and resized to its input, decoded once and cached (keyed by the
+  files' names, sizes and dates). Files that are not images, or do not decode, are skipped and counted in a warning.
+  An empty folder, a single class, images at the top of a labelled folder, or test classes that differ from the
+  source's each stop the run with one line, before anything is written.
+- What each method expects: `dann.py` runs any backbone, `dann_mnist` (32×32 RGB) by default for folders, or a ResNet
+  for larger images (`--backbone resnet18 --image-size 128`, with `--pretrained` for torchvision's ImageNet weights
+  from the local torch cache: an error if they are not there, never a silent random initialisation). `calibrator.py`
+  takes `--backbone dtn|resnet18|resnet50` for its source classifier. `gam.py` works on 28×28 gray (LeNet),
+  `i2i_adapt.py` on 32×32 gray, `pixelda.py` on 32×32 RGB: they are digit-sized methods, so give them small images.
+  How many images is enough: the digit tasks use 7,000–73,000 per domain; a few hundred per class in the source and
+  a few thousand target images are a sensible minimum for the adversarial methods, which otherwise overfit their
+  discriminators.
+
+A worked example with real data: write MNIST → USPS as PNG folders, then adapt as you would with your own.
+
+```bash
+python -c "import common; common.export_digits('mnist-usps', 'digits_png')"   # mnist/{train,test}/<digit>/*.png, usps/train/*.png (unlabelled), usps/test/<digit>/*.png
+python dann.py --source-dir digits_png/mnist/train --source-test-dir digits_png/mnist/test \
+               --target-dir digits_png/usps/train --target-test-dir digits_png/usps/test --backbone lenet
+```
+
+Because numbered file names keep their order, this run sees the same images in the same order as
+`python dann.py --task mnist-usps` and gives the same numbers for the same seed (a test checks it).
+
+Two-stage methods: caching the source network
+---------------------------------------------
+
+`gam.py` and `calibrator.py` first train a source network (stage 1) and then adapt (stage 2). With
+`--source-ckpt PATH` stage 1 is cached: if PATH exists it is loaded, otherwise stage 1 runs and saves it there.
+The file records how it was trained (source dataset, seed, steps, learning rate, ...); a run with other stage-1
+settings refuses it instead of silently reusing it. So every variant of one seed adapts the same source network,
+and a cached stage 1 changes no number: stage 1 draws from copies of the random streams, so stage 2 gets the same
+draws whether the run trained the network or loaded it:
+
+```bash
+for v in "--mode source-only" "--mode gaussian" "" "--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0"; do
+  python gam.py --task usps-mnist --seed 0 --source-ckpt ckpt/gam_usps-mnist_0.pt $v
+done
+```
+
+A stage-1 flag such as gam.py's `--no-source-dropout` (F^s without dropout, as the official TF LeNet) trains
+another source network, so it needs its own file (e.g. `ckpt/gam_usps-mnist_0_nodrop.pt`); the default file is refused.
+
+Reading a run folder
+--------------------
+
+Every run writes `runs/<method>__<task>__<seed>__<time>/` (`--out` sets the parent; a name taken at the same second
+gets a suffix):
+
+| file | content |
+|---|---|
+| `args.json` | every flag with the value actually used: derived defaults (backbone, domain classifier, schedule, recipe, the official per-task config) are resolved before it is written, plus the variant |
+| `metrics.jsonl` | one JSON object per line: the running means of the training losses, λ, lr and steps/s every `--log-every` steps; at every `--eval-every` a `target_test_acc_curve` (never used for selection), `source_test_acc` and the method's own signals (DANN: source validation error, domain-classifier error), and the label-free validators (below); the last line holds the final model's `target_test_acc` and `source_test_acc` |
+| `summary.json` | the final model's `target_acc` and `source_acc` (%), steps, seconds, training steps/s, device, versions; `class_shares`: `target_pred_share`, the share (%) of the target training images predicted as each class, beside `source_label_share`, each class's share of the source labels, and `emptied_classes`, the classes predicted under a third as often as they are labelled in the source. This check needs no target label: adversarial alignment can map one class's target images onto another (a GAM U→M run that reads most MNIST 7s as 9s gives 7 1.6 % of the predictions), and the run then names the class on stdout. A hint, not a verdict: the target's own class balance can differ. `selection`: the evaluation each validator would pick (below) |
+| `model.pt` | final weights (plain state dicts, also with `--compile`; `--no-save-model` skips it): dann.py the network and its domain classifier; gam.py F^t (F^s is `source.pt`, written when the run trains it); calibrator.py the calibrator and F_s (not its discriminators); pixelda.py and i2i_adapt.py every network |
+| `source.pt` | two-stage methods: the stage-1 source network, when this run trained it |
+| `model_best.pt` | with `--keep-best VALIDATOR`: the evaluated classifier's state dict at the evaluation where that score was best so far (`model_best.json`: the score and what was logged there) |
+| `checkpoint.pt` | while training, every `--ckpt-every` steps (default 5000): what `--resume` needs; removed when the run ends |
+| `predictions.csv` | folder tasks: file, predicted class, confidence for every target image |
+| `calibration.png`, `translations.png`, `samples_*.png` | calibrator, I2I and PixelDA image grids |
+
+The last line printed on stdout is the same JSON object as `summary.json`. Files are written to a temporary name and
+renamed, so a reader never sees half a file.
+
+**Stopping and resuming.** A run stopped by Ctrl-C, a crash or a lost machine leaves no summary. Continue it with
+`python pixelda.py --resume runs/pixelda__mnist-mnistm__0__<time>`: it reads the run's own `args.json` (only
+`--device`, `--threads`, `--data-dir`, `--cache-dir` and `--no-download` may change), restores the last checkpoint
+(networks, optimisers, learning-rate schedules, batch samplers, every random generator, the logged window) and
+trims `metrics.jsonl` back to it. On the CPU the resumed run ends with exactly the model and accuracy of a run that
+was never stopped (a test checks it for all five scripts).
+
+**Choosing a checkpoint without target labels.** The reported number is always the final model's. For tuning on
+your own unlabelled data, every evaluation also logs five label-free scores of the classifier the method reports
+(DANN's network, GAM's F^t, the calibrated F_s, PixelDA's T, I2I's h∘f), all "higher is better" (definitions as
+in pytorch-adapt; ranked by Musgrave, Belongie & Lim, arXiv 2208.07360): `source_val_acc` (held-out labelled source
+images: the source test split), and on a fixed subset of 2,000 target *training* images `entropy` (−mean entropy
+of the predictions), `im` (information maximisation: entropy of the mean prediction minus the mean entropy), `bnm`
+(nuclear norm of the softmax matrix / N) and `snd` (soft neighbourhood density, τ = 0.05). `summary.json`'s
+`selection` gives, for the final model and for each score, the step it picks and the target test accuracy there,
+beside the `oracle` (the best target test accuracy, which reads the test labels: a bound, not a method).
+`--keep-best im` saves the model each time `im` improves. SND ranks a model whose predictions are all alike
+(uniform or collapsed) highest by construction. How far each pick lands from the oracle, per method, is measured in
+RESULTS.md's "Model selection" table as rows are run; until a method's rows are there, no score is known to be safe.
+
+Speed
+-----
+
+No DataLoader: data sits on the device as uint8, batches are drawn by index from a fresh permutation per epoch,
+normalisation and augmentation run on the device, and the loop only syncs with the host when it logs (a small
+`Meter` in `common.py` sums the losses on the device). Evaluation runs in batches of 4096 under
+`torch.inference_mode()`. In every script `--amp` runs the training forward passes and the evaluation under bf16
+autocast (CUDA only), `--compile` compiles every network's forward pass in place (`Module.compile`, so `model.pt`
+keeps plain keys; `--compile reduce-overhead` or another of torch.compile's modes passes that mode on), and
+`--deterministic` and `--threads` are there too.
+
+**`--cuda-graph on`** (CUDA only; not with `--compile` or `--deterministic`). These networks are so small that on a GPU an eager step costs its hundreds of
+kernel launches, not its arithmetic: the GPU sits mostly idle. With `--cuda-graph on` each script records its
+training step (forward, backward and the optimisers' updates) once as a CUDA graph, after three eager steps, and
+replays it: one launch per step. The step is written once, as a function in the script, and reads as the paper's
+equations either way; `common.GraphedStep` does the recording. What a recorded step needs, and how the scripts give
+it: the batch indices and numbers that change per step (DANN's λ and learning rate, the calibrator's patch
+position) are inputs, copied into fixed buffers; Adam is `capturable`, DANN's SGD `fused` with a tensor learning
+rate; a change of structure (GAM's next GAN, PixelDA's learning-rate staircase) records a new graph. The optimisers'
+capturable / fused kernels round differently from the default ones, so a GPU run with and without graphs agrees to
+rounding, not bit for bit. `--cuda-graph check` runs the same path on any device without a graph and raises where a
+recording would go wrong (a host sync such as `.item()`, a boolean mask, a Python value or a tensor made outside
+the step that changes between steps); the tests run it for every script on the CPU and check that it trains
+exactly the model of the plain loop. `--compile reduce-overhead` is torch's other route to the same end (its own
+CUDA graphs of each compiled network's forward and backward, with the optimisers' updates left as they are); it
+is timed beside `--cuda-graph on`. Neither speed-up is measured yet (no GPU was at hand when they were written):
+`benchmark.py --speed --device cuda` measures both and `python -m pytest -q test_all.py -k cuda_graph` on a GPU
+machine compares the recorded and the eager loop of every script.
 """
 
 import gzip
