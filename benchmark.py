@@ -7,6 +7,10 @@ r"""Run method scripts over tasks x seeds as subprocesses and (re)write RESULTS.
     python benchmark.py --plan paper --launcher submitit --partition gpu --no-wait    # a SLURM job array
     python benchmark.py --collect runs/benchmark                                     # rows from finished run folders
 
+`--plots` draws the README rows' pictures into `pictures/` (matplotlib, optional): each row's target accuracy over
+the steps (mean and min-max band over seeds) beside the source accuracy and the method's own signals, and the image
+grid of one of its runs for the image methods; RESULTS.md shows them.
+
 Everything after `--` is passed to every run; `{task}` and `{seed}` in it are replaced by the run's task and seed
 (e.g. gam.py's per-seed stage-1 cache: `-- --source-ckpt ckpt/gam_{task}_{seed}.pt`). Each (method, task, extra flags) is one row; re-running the same
 row replaces it, other rows are kept (results.json is the store, RESULTS.md is rendered from it). Only measured
@@ -697,6 +701,10 @@ METHODS = {"dann": "DANN: Ganin & Lempitsky, ICML 2015", "gam": "GAM: Huang, Hua
            "pixelda": "PixelDA: Bousmalis et al., CVPR 2017"}
 PICTURES = HERE / "pictures"
 GRIDS = {"calibrator": "calibration.png", "i2i_adapt": "translations.png", "pixelda": "samples_final.png"}
+GRID_ROWS = {"calibrator": "source, G_c(source), its perturbation (amplified), target, G_c(target), its perturbation, "
+                           "|FFT| of target and of G_c(target)",
+             "i2i_adapt": "source, source→target, source reconstruction, target, target→source, target reconstruction",
+             "pixelda": "source, G(source, z) for three noise draws z, target images"}
 
 # The README's table: per (method, task), the paper's variant and the stored rows that stand for the script's default
 # flags, as the tables label them, in order of preference: today's code first, then the closest earlier row (its
@@ -771,9 +779,12 @@ def picture_links(store, method, md_path, pictures):
     out = []
     for m, t, _, r in headline(store):
         for name, what in ((f"{m}_{t}.png", "training curves"), (f"{m}_{t}_grid.png", "image grid")):
-            if m == method and (Path(pictures) / name).exists():
+            if m == method and r is not None and (Path(pictures) / name).exists():
                 rel = os.path.relpath(Path(pictures) / name, Path(md_path).parent)
-                out += [f"![{m} {t}: {what}]({rel})", ""]
+                caption = (f"{t}, {r['steps']} steps: target test accuracy (mean, min-max over seeds), source accuracy, "
+                           "the method's own signals" if what == "training curves" else
+                           f"{t}, the final model of one run of the row above; rows: {GRID_ROWS.get(m, '')}")
+                out += [f"![{m} {t}: {what}]({rel})", "", f"*{caption}.*", ""]
     return out
 
 
