@@ -417,6 +417,50 @@ def selection_table(rows):
             "|---|---|---|---|---|---|---|---|---|---|---|---|"] + out
 
 
+def sweep_table(rows):
+    """Selection across hyperparameters: rows of one method, task and schedule that differ only by the method's flags
+    (a sweep) are pooled per seed, and each validator picks among all (flags, evaluation) pairs of that seed. Beside
+    each pick's target test accuracy: the default flags' final model (the row whose flags change nothing, if any)
+    and the oracle's pick (by the target test labels). Mean ± std over the seeds every setting has."""
+    groups = {}
+    for r in rows:
+        if any(r.get("extra", {}).get("evals") or []):
+            groups.setdefault((r["method"], r["task"], r["steps"]), []).append(r)
+    out = []
+    for (m, t, steps), group in sorted(groups.items()):
+        if len(group) < 2:
+            continue
+        seeds = sorted(set.intersection(*(set(r["seeds"]) for r in group)))
+        default = next((r for r in group if schedule_flags(r.get("flags", "")) == "defaults"), None)
+        picks = {k: [] for k in ("default",) + VALIDATORS + ("oracle",)}
+        for seed in seeds:
+            cands = []  # (evaluation, row) of every setting's run of this seed
+            for r in group:
+                run = r["extra"]["evals"][r["seeds"].index(seed)] or []
+                cands += [(e, r) for e in run]
+            if not cands:
+                continue
+            if default is not None:
+                picks["default"].append(default["target_acc"][default["seeds"].index(seed)])
+            picks["oracle"].append(max(e["acc"] for e, _ in cands))
+            for v in VALIDATORS:
+                scored = [(e[v], e["acc"]) for e, _ in cands if isinstance(e.get(v), (int, float)) and math.isfinite(e[v])]
+                if scored:
+                    picks[v].append(max(scored, key=lambda p: p[0])[1])
+        if picks["oracle"]:
+            cells = [mean_std(picks[k]) for k in picks]
+            out.append(f"| {m} | {t} | {steps} | {len(group)} | {len(picks['oracle'])} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["", "### Model selection across hyperparameters", "",
+            "Rows of one task and schedule that differ only by the method's flags form a sweep. Per seed, each",
+            "validator picks one (flags, evaluation) pair among all the settings' evaluations; the table gives the",
+            "target test accuracy of that pick, mean ± std over seeds, beside the default flags' final model and the",
+            "oracle's pick (by the target test labels: a bound, not a method).", "",
+            "| method | task | steps | settings | seeds | default flags, final | source_val_acc | entropy | im | bnm | "
+            "snd | oracle |", "|---|---|---|---|---|---|---|---|---|---|---|---|"] + out
+
+
 def merge_seeds(row, new):
     """A stored row's per-seed results plus the new runs (a re-run seed replaces its old result), sorted by seed."""
     by_seed = {}
@@ -821,7 +865,7 @@ def render(store, path, pictures=PICTURES):
             per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
                             for s, a, v in zip(r["seeds"], r["target_acc"], val))
             out.append(f"- {r['task']} {shown(r)} ({r['steps']} steps): {per}")
-        out += tradeoff_table(mine) + curve_table(mine) + selection_table(mine)
+        out += tradeoff_table(mine) + curve_table(mine) + selection_table(mine) + sweep_table(mine)
         if notes_of(store, m):
             out += ["", "### Notes", ""] + [f"- {note}" for note in notes_of(store, m)]
     out += ["", "## Protocol and hardware", "", f"Hardware: {store.get('hardware', '?')}.", ""]

@@ -2305,3 +2305,17 @@ def test_benchmark_reads_the_runs_evaluations_and_training_signals(tmp_path):
     ev = benchmark.read_evals(tmp_path)
     assert ev == [{"step": 100, "acc": 70.0, "source_val_acc": None, "entropy": None, "im": 1.5, "bnm": None,
                    "snd": None, "source_test_acc": 99.0, "domain_err": 30.0}]
+
+
+def test_benchmark_selection_across_a_sweep_pools_every_settings_evaluations():
+    def row(flags, accs, ims, finals):  # two seeds; per seed the evaluations (acc, im) at steps 5 and 10
+        evals = [[{"step": 5, "acc": a[0], "im": i[0]}, {"step": 10, "acc": a[1], "im": i[1]}] for a, i in zip(accs, ims)]
+        return {"method": "dann", "task": "mnist-usps", "variant": "dann", "flags": flags, "steps": 10, "seeds": [0, 1],
+                "target_acc": finals, "source_acc": [99.0, 99.0], "seconds": [1, 1], "device": "cpu", "command": "x",
+                "extra": {"evals": evals}}
+    rows = [row("--threads 1", [(60, 70), (62, 72)], [(0.1, 0.2), (0.1, 0.2)], [70.0, 72.0]),
+            row("--threads 1 --lr 0.1", [(80, 50), (40, 45)], [(0.9, 0.3), (0.0, 0.05)], [50.0, 45.0])]
+    table = benchmark.sweep_table(rows)
+    # seed 0: im picks (0.9 -> 80), oracle 80; seed 1: im picks (0.2 -> 72), oracle 72; default finals 70, 72
+    assert table[-1] == "| dann | mnist-usps | 10 | 2 | 2 | 71.00 ± 1.41 | — | — | 76.00 ± 5.66 | — | — | 76.00 ± 5.66 |"
+    assert benchmark.sweep_table(rows[:1]) == []  # one setting is not a sweep
