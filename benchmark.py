@@ -825,8 +825,8 @@ def picture_links(store, method, md_path, pictures):
         for name, what in ((f"{m}_{t}.png", "training curves"), (f"{m}_{t}_grid.png", "image grid")):
             if m == method and r is not None and (Path(pictures) / name).exists():
                 rel = os.path.relpath(Path(pictures) / name, Path(md_path).parent)
-                caption = (f"{t}, {r['steps']} steps: target test accuracy (mean, min-max over seeds), source accuracy, "
-                           "the method's own signals" if what == "training curves" else
+                caption = (f"{t}, {r['steps']} steps: target test accuracy (mean, min-max band over seeds); where the "
+                           "runs logged them, the source accuracy and the method's own signals" if what == "training curves" else
                            f"{t}, the final model of one run of the row above; rows: {GRID_ROWS.get(m, '')}")
                 out += [f"![{m} {t}: {what}]({rel})", "", f"*{caption}.*", ""]
     return out

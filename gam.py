@@ -5,40 +5,28 @@ as a copy and is adapted without target labels so that its activations on target
 images in distribution at several layers (eq. 1), while its weights stay close to F^s's (weight drift).
 
 Implemented:
-  * Stage 1, source training: Adam lr 1e-3, batch 128, 10k steps (official code). `--source-ckpt PATH` caches F^s
-    (loaded if PATH exists and was trained with the same source data, seed and stage-1 flags, else trained and
-    saved); loaded or trained, stage 2 is the same (stage 1 draws from copies of the random streams).
-  * Gaussian i.i.d. matching (Sec. 4.1, eq. 2): for every conv/fc layer from the input upward, each output channel
-    of F^t is scaled and shifted (alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into weight and bias),
-    its target statistics measured after the layers below were matched. `--mode gaussian` stops here.
+  * Stage 1: Adam lr 1e-3, batch 128, 10k steps (official code). `--source-ckpt PATH` caches F^s per source data,
+    seed and stage-1 flags; loaded or trained, stage 2 is the same (stage 1 draws from copies of the random streams).
+  * Gaussian i.i.d. matching (Sec. 4.1, eq. 2; the GAN stage starts from it), layer by layer upward: per output
+    channel alpha = sigma^s / sigma^t, beta = mu^s - alpha mu^t, folded into weight and bias (layers below first).
   * General activation matching (Sec. 4.2, eq. 3): one discriminator per matched layer (ADDA's 500-500-2 MLP),
-    standard GAN loss for them, inverted labels for F^t, weight drift sum over tensors of mean((W^ref - W^t)^2).
+    standard GAN loss, inverted labels for F^t, weight drift sum over tensors of mean((W^ref - W^t)^2).
     `--gan-update official` (default), as RsEnts/DAM_release digits_classification/tools/train_adda.py: each
-    discriminator sees [source; target] once per iteration, both cross entropies average all 2B rows (F^t's
-    adversarial gradient: half a target-rows mean), and the discriminators and F^t are updated together from that
-    one forward (two minimize ops in one sess.run). `alternating` (the earlier default): the discriminators step,
-    then F^t on the updated ones over the target rows only (= official with --drift 0.5). Digit defaults: the
-    500-d hidden layer (weight 0.1) and the logits (1.0), 500 discriminator pre-training iterations, Gaussian init.
-  * One GAN at a time (Sec. 5: for digits "more stable to add one GAN at a time, after the training for the previous
-    GAN converged"), `--gan-schedule converged` (default): in --gan-layers order, input upward (the paper gives no
-    order, nor how it judged convergence), the next GAN joins once the discriminator loss's 500-iteration window
-    mean is within 5 % of the window before (`--converge-window`, `--converge-tol`, fixed before any run, never
-    tuned on target labels), at the latest after an equal share of the iterations. `equal-shares`: after equal
-    shares (the earlier default); `joint`: all GANs from the start, as the released code.
-  * `--restart-emptied N` (not in the paper; off), as the GAN stage can send all target images of one class to
-    another: when the first GAN has converged and a label-free check (common.predict_target, `class_shares` in
-    summary.json) names a class predicted on under a third of its source-label share of the target training images
-    (assumes no class is far rarer in the target), the GAN stage starts again at full length (F^t from its Gaussian
-    start, fresh discriminators), at most N times (`gan_restarts`); bit for bit the same if no class empties.
-  * ADDA = `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0` (`--drift 1`: "ADDA + our
-    regularization"; `--drift 0` alone: "GAM (no regularization)"). Table 2: `--source-subset`/`--target-subset
-    {odd,even}` remove half of the odd or even digits from a training split (test splits never change).
-  * `--recipe` (the paper and its released code disagree; --optimizer, --lr, --steps, --drift override it):
-    `official` (default), Adam lr 2e-4, beta1 0.5, 10k iterations, drift 1 (the released digits code, whose README
-    reports 95 / 98 / 74 for M->U / U->M / S->M); `paper`, SGD lr 1e-4, momentum 0.9, 20k iterations, drift 0.5.
-
-Evaluation: the final F^t (never selected on target labels) on the target and source *test* splits; summary.json
-adds `target_train_acc` (ADDA's and the official protocol: the target *train* split), no-adaptation, Gaussian-only.
+    discriminator sees [source; target] once per iteration, both cross entropies average all 2B rows, and the
+    discriminators and F^t are updated together from that one forward. `alternating` (the earlier default): the
+    discriminators step, then F^t on the updated ones over the target rows only (= official with --drift 0.5).
+  * One GAN at a time (Sec. 5, for digits), `--gan-schedule converged` (default): in --gan-layers order, the next
+    GAN joins once the discriminator loss's 500-iteration window mean is within 5 % of the window before (the
+    paper says neither the order nor how it judged convergence; fixed before any run, never tuned on target
+    labels), at the latest after an equal share of the iterations. `equal-shares`; `joint` (the released code).
+  * `--restart-emptied N` (not in the paper; off): when the first GAN has converged and a label-free check
+    (common.predict_target) names a class predicted on under a third of its source-label share of the target train
+    images, the GAN stage starts again at full length, at most N times; bit for bit the same if no class empties.
+  * ADDA = `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0`. Table 2: `--{source,target}-subset`.
+  * `--recipe official` (default; the released digits code, its README: 95 / 98 / 74 for M->U / U->M / S->M): Adam
+    lr 2e-4, beta1 0.5, 10k iterations, drift 1; `paper`: SGD lr 1e-4, momentum 0.9, 20k iterations, drift 0.5.
+  * Evaluation: the final F^t (never selected on target labels) on the target and source *test* splits; summary.json
+    adds `target_train_acc` (ADDA's, the official protocol: target *train* split), F^s's and Gaussian-only accuracy.
 
 Deviations, each with its reason:
   * Inputs 28x28 gray in [0, 1] (`--input-range`), as the official code; SVHN is converted to gray and resized.
@@ -52,10 +40,9 @@ Deviations, each with its reason:
 
 Paper (Table 1, M->U / U->M / S->M): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM 95.7 +- 0.5 /
 98.0 +- 0.5 / 74.6 +- 1.1. Measured (RESULTS.md; final F^t, target test split), `python gam.py --task usps-mnist
---seed S --source-ckpt FILE` plus the flags named: seeds 2 / 5 98.10 / 97.96. `--gan-update alternating` (earlier
-F^s files): U->M 95.34 +- 4.26 over 6 seeds (2 read most MNIST 7s as 9s and stall near 90), 96.81 +- 3.03 with
-`--restart-emptied 2`, 88.51 +- 10.54 (3 seeds) with `--gan-schedule joint`, ADDA 91.84 +- 6.42; M->U (`--task
-mnist-usps`) 94.57 +- 0.05 (3 seeds; 96.41 +- 0.33 on the USPS train split, above the paper's 95.7).
+--seed S --source-ckpt FILE` + the flags named: seeds 2 / 5: 98.10 / 97.96; with `--gan-update alternating` (earlier
+F^s files) 95.34 +- 4.26 over seeds 0-5 (two read most MNIST 7s as 9s and stall near 90), 96.81 +- 3.03 adding
+`--restart-emptied 2`, ADDA 91.84 +- 6.42; M->U (`--task mnist-usps`) 94.57 +- 0.05 (seeds 0-2; 96.41 on USPS train).
 """
 
 import argparse
@@ -90,7 +77,7 @@ def parse_args(argv=None):
     g.add_argument("--source-steps", type=int, default=10000, help="source training steps (official: 10k)")
     g.add_argument("--source-lr", type=float, default=1e-3, help="Adam learning rate for F^s (official: 1e-3)")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per domain, both stages")
-    g.add_argument("--no-source-dropout", action="store_true", help="train F^s without dropout (the official TF LeNet)")
+    g.add_argument("--no-source-dropout", action="store_true", help="F^s without dropout, as the official TF LeNet")
     g.add_argument("--source-l2", type=float, default=0.0, help="L2 on F^s's weights, not biases (official: 2.5e-5)")
     g = p.add_argument_group("stage 2: activation matching (defaults: the paper's digit setting)")
     g.add_argument("--mode", default="gam", choices=["source-only", "gaussian", "gam"],
@@ -104,28 +91,23 @@ def parse_args(argv=None):
     g.add_argument("--gan-layers", default="relu3,fc4", help="LeNet layers matched by GANs (relu3: 500-d hidden)")
     g.add_argument("--gan-weights", default="0.1,1.0", help="loss weight per matched layer")
     g.add_argument("--gan-schedule", default="converged", choices=["converged", "equal-shares", "joint"],
-                   help="converged (the paper's, one GAN at a time): the next GAN in --gan-layers order joins once "
-                        "the discriminator loss has flattened (--converge-*), at the latest where equal-shares adds "
-                        "it; equal-shares: every steps/len(layers) iterations; joint: all at once (released code)")
-    g.add_argument("--converge-window", type=int, default=500, help="converged: discriminator-loss window, in iterations")
+                   help="converged (the paper's): the next GAN joins once the discriminator loss has flattened "
+                        "(--converge-*), at the latest after an equal share; equal-shares; joint (the released code)")
+    g.add_argument("--converge-window", type=int, default=500, help="converged: discriminator-loss window (iterations)")
     g.add_argument("--converge-tol", type=float, default=0.05, help="converged: max relative change of the window mean")
     g.add_argument("--restart-emptied", type=int, default=0,
-                   help="not in the paper (0: off; converged schedule only): when the first GAN has converged and the "
-                        "label-free class check names a class (predicted on under a third as many target train "
-                        "images as its source-label share), restart the GAN stage at full length (Gaussian-matched "
-                        "F^t, fresh discriminators), up to this many times")
+                   help="not in the paper (0: off; converged schedule only): at most this many restarts of the GAN "
+                        "stage, when the label-free class check finds an emptied class once the first GAN converged")
     g.add_argument("--gan-update", default="official", choices=["official", "alternating"],
-                   help="official (train_adda.py): one forward of each discriminator over [source; target], both "
-                        "losses averaged over all 2B rows, discriminators and F^t updated together from it; "
-                        "alternating: discriminators first, then F^t on the updated ones, over the target rows only")
+                   help="official (train_adda.py): discriminators and F^t updated together from one forward over "
+                        "[source; target]; alternating: discriminators first, then F^t on the updated ones")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
     args = parse(p, argv)
     check_args(args, positive=("lr", "source_lr", "converge_tol"),
                at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
                non_negative=("drift", "disc_pretrain", "restart_emptied", "source_l2"))
-    for k, v in RECIPES[args.recipe].items():  # derived defaults, resolved here so that args.json records them
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    vars(args).update({k: v for k, v in RECIPES[args.recipe].items() if getattr(args, k) is None})  # in args.json
     args.layers = [s.strip() for s in args.gan_layers.split(",") if s.strip()]
     try:
         args.weights = [float(w) for w in args.gan_weights.split(",")]
@@ -153,8 +135,7 @@ def parse_args(argv=None):
         args.variant = "adda+drift" if args.drift > 0 else "adda"
     else:
         args.variant = ("gam" if args.drift > 0 else "gam-no-drift") + ("" if args.gaussian_init else "-no-gaussian-init")
-        named += [f"{k} {w:g}" for k, w in zip(args.layers, args.weights)] if (args.layers, args.weights) != PAPER_GANS \
-            else []  # not the paper's matched layers / weights
+        named += [f"{k} {w:g}" for k, w in zip(args.layers, args.weights) if (args.layers, args.weights) != PAPER_GANS]
         named += [f"{args.gan_schedule} GANs"] if args.gan_schedule != "converged" and len(args.layers) > 1 else []
         named += [f"restart on an emptied class, at most {args.restart_emptied}"] if args.restart_emptied else []
         named += [f"{args.recipe} recipe"] if args.recipe != "official" else []
@@ -173,8 +154,7 @@ def subset(x, y, which, generator):
     keep = torch.ones(len(y), dtype=torch.bool, device=y.device)
     for c in range(1 if which == "odd" else 0, 10, 2):
         idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), device=y.device, generator=generator)]
-        keep[idx[: len(idx) // 2]] = False
+        keep[idx[torch.randperm(len(idx), device=y.device, generator=generator)[: len(idx) // 2]]] = False
     return x[keep], y[keep]
 
 
@@ -193,9 +173,7 @@ def layer_outputs(net, x_uint8, layer, input_range, batch_size=4096):
 
 @torch.no_grad()
 def gaussian_match(f_t, f_s, x_s, x_t, input_range, eps=1e-5):
-    """Eq. 2, layer by layer from the input upward: fold alpha = sigma_s / sigma_t and beta = mu_s - alpha mu_t of
-    every output channel into the layer's weight and bias, measuring target statistics after the layers below
-    were matched. Returns {layer: (alpha, beta)}."""
+    """Eq. 2, from the input upward: fold each channel's alpha, beta into its conv/fc layer; {layer: (alpha, beta)}."""
     matched = {}
     for name, layer in list(f_t.features.named_children()) + list(f_t.classifier.named_children()):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -225,8 +203,7 @@ def domain_labels(acts, value):
 
 
 def discriminator_step(discs, opt_d, a_s, a_t, weights):
-    """One update of the discriminators: source activations are class 0, target activations class 1 (the target
-    activations are detached, so F^t gets no gradient from this step). weights: {layer: loss weight}."""
+    """--gan-update alternating, the discriminators: source activations class 0, target (detached) class 1."""
     loss = sum(w * (F.cross_entropy(discs[k](a_s[k].flatten(1)), domain_labels(a_s[k], 0)) +
                     F.cross_entropy(discs[k](a_t[k].detach().flatten(1)), domain_labels(a_t[k], 1)))
                for k, w in weights.items())
@@ -237,8 +214,7 @@ def discriminator_step(discs, opt_d, a_s, a_t, weights):
 
 
 def target_step(f_t, discs, opt_t, a_t, weights, ref, drift_w):
-    """One update of F^t: the GAN loss with inverted labels (its target activations should be called source,
-    class 0) plus drift_w * weight drift. Only F^t's parameters are in opt_t."""
+    """--gan-update alternating, F^t: the GAN loss with inverted labels (target called source) + drift_w * drift."""
     loss_gan = sum(w * F.cross_entropy(discs[k](a_t[k].flatten(1)), domain_labels(a_t[k], 0)) for k, w in weights.items())
     loss_drift = weight_drift(f_t, ref)
     opt_t.zero_grad(set_to_none=True)
@@ -248,18 +224,12 @@ def target_step(f_t, discs, opt_t, a_t, weights, ref, drift_w):
 
 
 def adversarial_step(f_t, discs, opt_d, opt_t, a_s, a_t, weights, ref, drift_w, train_t):
-    """--gan-update official (train_adda.py): each active discriminator sees the batch [source; target] once. It
-    minimises the cross entropy averaged over all 2B rows (source 0, target 1); F^t minimises the same average with
-    the labels inverted, plus drift_w * weight drift (eq. 3). The source rows carry no gradient to F^t, so its
-    adversarial gradient is half that of a mean over the target rows alone (alternating). Both updates use this one
-    forward's gradients; F^t is updated only when train_t (after the discriminators' pre-training)."""
+    """--gan-update official: D's loss and F^t's (inverted labels + drift) from one forward; F^t steps if train_t."""
     logits = {k: discs[k](torch.cat([a_s[k], a_t[k]]).flatten(1)) for k in weights}
-    first = next(iter(weights))
-    y = torch.cat([domain_labels(a_s[first], 0), domain_labels(a_t[first], 1)])
+    y = torch.cat([domain_labels(a[next(iter(weights))], label) for a, label in ((a_s, 0), (a_t, 1))])
     loss_d = sum(w * F.cross_entropy(logits[k], y) for k, w in weights.items())
-    d_params = [p for k in weights for p in discs[k].parameters()]
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward(inputs=d_params, retain_graph=train_t)  # D's gradient only
+    loss_d.backward(inputs=[p for k in weights for p in discs[k].parameters()], retain_graph=train_t)  # D's only
     loss_gan = loss_drift = torch.zeros((), device=y.device)
     if train_t:
         loss_gan = sum(w * F.cross_entropy(logits[k], 1 - y) for k, w in weights.items())
@@ -272,21 +242,17 @@ def adversarial_step(f_t, discs, opt_d, opt_t, a_s, a_t, weights, ref, drift_w, 
 
 
 def flattened(sched, step, loss_d, window, tol):
-    """--gan-schedule converged, after adaptation iteration `step`: True when the newest GAN has converged by the
-    training signal alone, its discriminator loss's mean over the last `window` iterations being within `tol`
-    (relative) of the window before. One host sync per window."""
+    """--gan-schedule converged: True when the newest GAN's loss_d window mean is within tol of the window before."""
     sched["sum"] = sched["sum"] + loss_d
     if (step + 1 - sched["since"]) % window:
         return False
-    mean = float(sched["sum"]) / window
-    prev, sched["prev"], sched["sum"] = sched["prev"], mean, 0.0
-    return prev > 0 and abs(mean - prev) <= tol * prev
+    prev, sched["prev"], sched["sum"] = sched["prev"], float(sched["sum"]) / window, 0.0  # one host sync per window
+    return prev > 0 and abs(sched["prev"] - prev) <= tol * prev
 
 
-def make_optimizer(params, kind, lr, capturable=False):
-    if kind == "adam":  # (capturable: --cuda-graph on, the step is recorded with the optimiser's update inside)
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), capturable=capturable)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+def make_optimizer(params, kind, lr, capturable=False):  # capturable: --cuda-graph on records the update too
+    return (torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), capturable=capturable) if kind == "adam"
+            else torch.optim.SGD(params, lr=lr, momentum=0.9))
 
 
 def main(args):
@@ -295,15 +261,13 @@ def main(args):
     device = setup_torch(args)
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 28, 1, device)  # LeNet's input: 28x28 gray
-    f_s = build_backbone("lenet", len(src.classes))
-    if args.no_source_dropout:  # the official TF LeNet has no dropout; ours keeps the layers, at rate 0
-        for m in f_s.modules():
-            if isinstance(m, (nn.Dropout, nn.Dropout2d)):
-                m.p = 0.0
+    f_s = build_backbone("lenet", len(src.classes)).to(device)
+    for m in (m for m in f_s.modules() if args.no_source_dropout and isinstance(m, (nn.Dropout, nn.Dropout2d))):
+        m.p = 0.0  # the official TF LeNet has no dropout; ours keeps the layers, at rate 0
     src_x, src_y = subset(src.train_x, src.train_y, args.source_subset, g)
     tgt_x, _ = subset(tgt.train_x, tgt.train_y, args.target_subset, g)  # target labels: only to form the subset
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
-    # stage 1's identity: a cached F^s is reused only by runs that would have trained the same one
+    domains = (("target", tgt), ("source", src))  # F^s's and the Gaussian-matched F^t's test accuracies
     stage1 = dict(source=src.name, seed=args.seed, source_subset=args.source_subset, source_steps=args.source_steps,
                   source_lr=args.source_lr, batch_size=args.batch_size, input_range=args.input_range,
                   **({"dropout": False} if args.no_source_dropout else {}),  # (files from before the flags match)
@@ -317,25 +281,21 @@ def main(args):
           f"run folder {run_dir}", flush=True)
 
     # ---- stage 1: source network F^s ---------------------------------------------------------------------------
-    f_s = f_s.to(device)
     if not loaded:
         train_source(f_s, src_x, src_y, steps=args.source_steps, batch_size=args.batch_size, lr=args.source_lr,
                      weight_decay=args.source_l2, generator=g, input_range=args.input_range, log_every=args.log_every,
                      amp=args.amp, decay_biases=False)
         save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
     f_s.eval().requires_grad_(False)  # frozen from here on
-    no_adapt = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
-                "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
+    no_adapt = {f"{d}_acc": accuracy(f_s, dom.test_x, dom.test_y, **ev) for d, dom in domains}
     print(f"F^s (no adaptation): target {no_adapt['target_acc']:.2f} source {no_adapt['source_acc']:.2f}", flush=True)
 
     # ---- stage 2a: Gaussian i.i.d. matching (eq. 2) --------------------------------------------------------------
     f_t = copy.deepcopy(f_s).requires_grad_(True)
     gaussian = None
     if args.mode != "source-only" and args.gaussian_init:
-        n = args.stats_samples
-        gaussian_match(f_t, f_s, src_x[:n], tgt_x[:n], args.input_range)
-        gaussian = {"target_acc": accuracy(f_t, tgt.test_x, tgt.test_y, **ev),
-                    "source_acc": accuracy(f_t, src.test_x, src.test_y, **ev)}
+        gaussian_match(f_t, f_s, src_x[:args.stats_samples], tgt_x[:args.stats_samples], args.input_range)
+        gaussian = {f"{d}_acc": accuracy(f_t, dom.test_x, dom.test_y, **ev) for d, dom in domains}
         print(f"Gaussian matching: target {gaussian['target_acc']:.2f} source {gaussian['source_acc']:.2f}", flush=True)
 
     # ---- stage 2b: general activation matching with one GAN per layer (eq. 3) -----------------------------------
@@ -343,26 +303,19 @@ def main(args):
     if args.mode == "gam":
         f_t.eval()  # no dropout in the matched activations
         ref = [p.detach().clone() for p in (f_t if args.drift_ref == "init" else f_s).parameters()]
-        with torch.no_grad():
-            dims = {k: v[:1].flatten(1).shape[1] for k, v in f_t.activations(to_float(src_x[:1], args.input_range)).items()}
+        dims = {k: v[0].numel() for k, v in f_t.activations(to_float(src_x[:1], args.input_range)).items()}  # one image
         discs = nn.ModuleDict({layer: discriminator(dims[layer]) for layer in args.layers}).to(device)
         opt_d = make_optimizer(discs.parameters(), args.optimizer, args.lr, args.cuda_graph == "on")
         opt_t = make_optimizer(f_t.parameters(), args.optimizer, args.lr, args.cuda_graph == "on")
         start = copy.deepcopy([f_t.state_dict(), opt_d.state_dict(), opt_t.state_dict()])  # for --restart-emptied
         acts_t = maybe_compile(f_t.activations, args.compile)
-        s_sampler = IndexSampler(len(src_x), args.batch_size, device, g)
-        t_sampler = IndexSampler(len(tgt_x), args.batch_size, device, g)
-
-        def evaluate():  # a curve only: never used for selection
-            return evaluate_domains(f_t, src, tgt, keep_best=best, **ev)
+        s_sampler, t_sampler = (IndexSampler(len(x), args.batch_size, device, g) for x in (src_x, tgt_x))
 
         def restart(it):  # --restart-emptied: the whole GAN stage again from iteration `it` on, with its full length:
-            f_t.load_state_dict(start[0])  # F^t from its Gaussian-matched start, fresh discriminators (pre-trained
-            for layer in discs.modules():  # again) and optimisers
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
-            opt_d.load_state_dict(start[1])
-            opt_t.load_state_dict(start[2])
+            for obj, saved in zip((f_t, opt_d, opt_t), start):  # F^t from its Gaussian-matched start, fresh optimisers
+                obj.load_state_dict(saved)
+            for layer in (m for m in discs.modules() if isinstance(m, nn.Linear)):  # fresh discriminators
+                layer.reset_parameters()
             train_step.reset()  # the optimisers' state is new: a recorded step would update the old one
             sched.update(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], offset=it,
                          restarts=sched["restarts"] + [it - args.disc_pretrain])
@@ -371,32 +324,26 @@ def main(args):
                   flush=True)
 
         def train_step(s_idx, t_idx):
-            """One update of the active discriminators, then (after their pre-training) one of F^t. Which GANs are
-            active and whether F^t trains are Python values of the loop: they are the recorded step's key."""
+            """One update of the active discriminators, then (from step 0 on) of F^t; key: `active`, step >= 0."""
             with torch.no_grad():
                 a_s = f_s.activations(to_float(src_x[s_idx], args.input_range))  # source net, source data
             a_t = acts_t(to_float(tgt_x[t_idx], args.input_range))  # target net, target data
             if args.gan_update == "official":
-                loss_d, loss_gan, loss_drift = adversarial_step(f_t, discs, opt_d, opt_t, a_s, a_t, active, ref,
-                                                                args.drift, step >= 0)
-                return dict(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
-            loss_d = discriminator_step(discs, opt_d, a_s, a_t, active)
-            loss_gan = loss_drift = torch.zeros((), device=device)
-            if step >= 0:  # after the discriminators' pre-training
-                loss_gan, loss_drift = target_step(f_t, discs, opt_t, a_t, active, ref, args.drift)
-            return dict(loss_d=loss_d, loss_gan=loss_gan, drift=loss_drift)
-
+                losses = adversarial_step(f_t, discs, opt_d, opt_t, a_s, a_t, active, ref, args.drift, step >= 0)
+            else:
+                zero = torch.zeros((), device=device)
+                losses = (discriminator_step(discs, opt_d, a_s, a_t, active),
+                          *(target_step(f_t, discs, opt_t, a_t, active, ref, args.drift) if step >= 0 else (zero,) * 2))
+            return dict(zip(("loss_d", "loss_gan", "drift"), losses))
         train_step = GraphedStep(train_step, args.cuda_graph, device)  # --cuda-graph on: recorded once per key
-        total = args.disc_pretrain + args.steps
         meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
-        # Sec. 5, one GAN at a time: GANs training, where the newest joined, its loss window, the steps they joined;
-        # --restart-emptied: the iterations the GAN stage restarted after, and the iteration the kept attempt began at
+        # GANs training, the newest's start and loss window, the joins; restarts, the kept attempt's first iteration
         sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], restarts=[], offset=0)
         state = dict(f_t=f_t, discs=discs, opt_d=opt_d, opt_t=opt_t, s_sampler=s_sampler, t_sampler=t_sampler, g=g,
                      meter=meter, sched=sched)
         it = load_checkpoint(args, run_dir, state)
         meter.total = args.steps + sched["offset"]
-        while it < total + sched["offset"]:
+        while it < args.disc_pretrain + args.steps + sched["offset"]:
             # ALGO LOGIC
             step = it - args.disc_pretrain - sched["offset"]  # < 0 while the discriminators are pre-trained
             share = 1 + step * len(args.layers) // args.steps  # equal shares of the iterations (converged: the latest)
@@ -410,34 +357,31 @@ def main(args):
                 if (n_active == 1 and len(sched["restarts"]) < args.restart_emptied
                         and predict_target(run_dir, f_t, src, tgt, **ev)["emptied_classes"]):
                     restart(it + 1)  # the first GAN sent a class's target images to another class
-                else:
+                else:  # the next GAN joins
                     sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
-                                 joins=sched["joins"] + [step + 1])  # the next GAN joins
-
+                                 joins=sched["joins"] + [step + 1])
             # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
             meter.add(**stats)
             it += 1
-            if it > args.disc_pretrain:  # adaptation iterations so far (restarted attempts included)
-                meter.step(it - args.disc_pretrain, evaluate, gans=n_active)
-            save_checkpoint(run_dir, it, args.ckpt_every, total + sched["offset"], state)
+            if it > args.disc_pretrain:  # adaptation iterations so far (restarted attempts included); a curve only
+                meter.step(it - args.disc_pretrain, lambda: evaluate_domains(f_t, src, tgt, keep_best=best, **ev),
+                           gans=n_active)
+            save_checkpoint(run_dir, it, args.ckpt_every, args.disc_pretrain + args.steps + sched["offset"], state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
     final = evaluate_domains(f_t, src, tgt, final=True, keep_best=best, **ev)
-    # the official scripts' split: the target *training* images F^t adapted on (their labels unused in training)
     train_acc = accuracy(f_t, tgt.train_x, tgt.train_y, **ev) if args.task != "folder" else float("nan")
     steps = args.steps if args.mode == "gam" else 0
-    if meter is None:
-        meter = Meter(run_dir, 0, 1, tensorboard=args.tensorboard)
+    meter = Meter(run_dir, 0, 1, tensorboard=args.tensorboard) if meter is None else meter
     meter.write(step=steps + (sched["offset"] if sched else 0), **final)  # restarted attempts included
     shares = predict_target(run_dir, f_t, src, tgt, **ev)  # label-free: each class's share
     if not args.no_save_model:
         atomic_torch_save({"model": f_t.state_dict(), "args": vars(args)}, run_dir / "model.pt")
     finish(run_dir, {
         "method": "gam", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": steps,
-        "source_steps": 0 if loaded else args.source_steps,
-        "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
-        "target_train_acc": round(train_acc, 3), "class_shares": shares,
-        "gan_joins": sched["joins"] if sched and args.gan_schedule != "joint" else None,  # iterations the GANs joined
+        "source_steps": 0 if loaded else args.source_steps, "target_acc": round(final["target_test_acc"], 3),
+        "source_acc": round(final["source_test_acc"], 3), "target_train_acc": round(train_acc, 3),
+        "class_shares": shares, "gan_joins": sched["joins"] if sched and args.gan_schedule != "joint" else None,
         "gan_restarts": sched["restarts"] if sched and args.restart_emptied else None,  # --restart-emptied's
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},
