@@ -308,7 +308,8 @@ def fill(flags, task, seed):
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
               "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins",
-              "gan_restarts", "class_shares", "selection", "evals", "signals", "run_dir")
+              "gan_restarts", "class_shares", "selection", "evals", "signals", "run_dir",
+              "cpu_seconds")
 VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")  # common.VALIDATORS (not imported: no torch here)
 
 
@@ -514,7 +515,11 @@ def run_one(method, task, seed, extra, threads, out, cell=False, ckpt_every=None
     t0 = time.time()
     with open(logs / f"{tag}.out", "a" if stopped else "w") as fo, open(logs / f"{tag}.err", "w") as fe:
         _CHILD = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=HERE, start_new_session=cell)
-        rc = _CHILD.wait()
+        try:  # wait4: the child's own CPU time, which other work on the machine does not inflate (the wall clock)
+            _, status, usage = os.wait4(_CHILD.pid, 0)
+            rc = _CHILD.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by Cell.checkpoint (a cell stopped before SLURM's time limit)
+            rc, usage = -1, None
     lines = (logs / f"{tag}.out").read_text().strip().splitlines()
     if rc != 0 or not lines or not lines[-1].startswith("{"):
         err = (logs / f"{tag}.err").read_text().strip().splitlines()
@@ -524,7 +529,8 @@ def run_one(method, task, seed, extra, threads, out, cell=False, ckpt_every=None
     print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']} "
           f"source {summary['source_acc']}", flush=True)
     run_dir = summary.get("run_dir")
-    return dict(summary, command=shown, **from_run(HERE / run_dir if run_dir else None))
+    return dict(summary, command=shown, cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1) if usage else None,
+                **from_run(HERE / run_dir if run_dir else None))
 
 
 def logged_run(log):
@@ -560,7 +566,7 @@ class Cell:
 
     def checkpoint(self):
         if _CHILD is not None and _CHILD.returncode is None:  # (this runs in a signal handler that interrupted
-            _CHILD.terminate()  # _CHILD.wait(), whose lock it holds: the child is reaped with os.waitpid instead)
+            _CHILD.terminate()  # run_one's os.wait4: the child is reaped here with os.waitpid)
             for _ in range(600):
                 try:
                     if os.waitpid(_CHILD.pid, os.WNOHANG)[0]:
