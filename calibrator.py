@@ -375,10 +375,13 @@ def main(args):
         xs, xt = to_float(src.train_x[s_idx]), to_float(tgt.train_x[t_idx])
         n, x = len(xs), torch.cat([xs, xt])  # G1, G2
         with autocast(device, args.amp):
-            cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
+            grad = torch.enable_grad() if args.reuse_forward else torch.no_grad()  # a graph only if the calibrator's
+            with grad:  # step below reuses this forward (the official step runs its own)
+                cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
             with torch.no_grad():
                 f_real = feat_groups(x)
-            f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
+            with grad:
+                f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
             p_real = shuffled_patch(x, top, left, args.patch, g)
             p_cal = shuffled_patch(cal, top, left, args.patch, g)
 
