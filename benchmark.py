@@ -962,7 +962,7 @@ def plots(store, out, pictures=PICTURES):
                 if all(any(key in rec for rec in run) for run in signals):
                     steps, mean, _, _, _ = band([[(rec["step"], rec[key]) for rec in run if key in rec] for run in signals])
                     ax.plot(steps, mean, label=key, lw=1)
-            ax.set(xlabel="step", title="training signals (running means)", yscale="symlog", )
+            ax.set(xlabel="step", title="training signals (running means)")
             ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         path = Path(pictures) / f"{m}_{t}.png"
