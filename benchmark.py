@@ -831,9 +831,12 @@ def picture_links(store, method, md_path, pictures):
         for name, what in ((f"{m}_{t}.png", "training curves"), (f"{m}_{t}_grid.png", "image grid")):
             if m == method and r is not None and (Path(pictures) / name).exists():
                 rel = os.path.relpath(Path(pictures) / name, Path(md_path).parent)
+                info = Path(pictures) / name.replace(".png", ".json")
+                info = json.loads(info.read_text()) if info.exists() else {}
                 caption = (f"{t}, {r['steps']} steps: target test accuracy (mean, min-max band over seeds); where the "
                            "runs logged them, the source accuracy and the method's own signals" if what == "training curves" else
-                           f"{t}, the final model of one run of the row above; rows: {GRID_ROWS.get(m, '')}")
+                           f"{t}, the final model of a {info.get('variant', m)} run (seed {info.get('seed')}, "
+                           f"{info.get('steps')} steps, target accuracy {info.get('target_acc')}); rows: {GRID_ROWS.get(m, '')}")
                 out += [f"![{m} {t}: {what}]({rel})", "", f"*{caption}.*", ""]
     return out
 
@@ -980,13 +983,17 @@ def plots(store, out, pictures=PICTURES):
                 if img.width > 900:
                     img = img.resize((900, round(img.height * 900 / img.width)))
                 img.save(Path(pictures) / f"{m}_{t}_grid.png", optimize=True)
+            sm = json.loads((src.parent / "summary.json").read_text())
+            (Path(pictures) / f"{m}_{t}_grid.json").write_text(json.dumps(
+                {k: sm.get(k) for k in ("variant", "seed", "steps", "target_acc")}) + "\n")
             written.append(Path(pictures) / f"{m}_{t}_grid.png")
     return written
 
 
 def grid_source(row, out):
     """The image grid of one of a row's runs: its stored run folder, else a run folder under `out` whose summary is
-    one of the row's runs (same method, task, variant, steps, seed and target accuracy)."""
+    one of the row's runs (same method, task, variant, steps, seed and target accuracy), else the newest finished run
+    of the same method, task and variant at another schedule (the caption says which)."""
     name = GRIDS[row["method"]]
     for d in row.get("extra", {}).get("run_dir") or []:
         if d and (HERE / d / name).exists():
@@ -996,6 +1003,9 @@ def grid_source(row, out):
         sm = json.loads(summary.read_text())
         if (sm.get("variant") == row["variant"] and sm.get("steps") == row["steps"]
                 and (sm.get("seed"), round(sm.get("target_acc", -1), 2)) in runs and (summary.parent / name).exists()):
+            return summary.parent / name
+    for summary in sorted(Path(out).glob(f"{row['method']}__{row['task']}__*/summary.json"), reverse=True):
+        if json.loads(summary.read_text()).get("variant") == row["variant"] and (summary.parent / name).exists():
             return summary.parent / name
     return None
 
