@@ -993,7 +993,7 @@ def plots(store, out, pictures=PICTURES):
 def grid_source(row, out):
     """The image grid of one of a row's runs: its stored run folder, else a run folder under `out` whose summary is
     one of the row's runs (same method, task, variant, steps, seed and target accuracy), else the newest finished run
-    of the same method, task and variant at another schedule (the caption says which)."""
+    of the same method, task and variant at another schedule, else of another variant (the caption says which)."""
     name = GRIDS[row["method"]]
     for d in row.get("extra", {}).get("run_dir") or []:
         if d and (HERE / d / name).exists():
@@ -1004,9 +1004,12 @@ def grid_source(row, out):
         if (sm.get("variant") == row["variant"] and sm.get("steps") == row["steps"]
                 and (sm.get("seed"), round(sm.get("target_acc", -1), 2)) in runs and (summary.parent / name).exists()):
             return summary.parent / name
-    for summary in sorted(Path(out).glob(f"{row['method']}__{row['task']}__*/summary.json"), reverse=True):
-        if json.loads(summary.read_text()).get("variant") == row["variant"] and (summary.parent / name).exists():
-            return summary.parent / name
+    newest = sorted(Path(out).glob(f"{row['method']}__{row['task']}__*/summary.json"), reverse=True)
+    for same_variant in (True, False):  # then any variant of the method: the caption names the run's
+        for summary in newest:
+            if ((json.loads(summary.read_text()).get("variant") == row["variant"]) >= same_variant
+                    and (summary.parent / name).exists()):
+                return summary.parent / name
     return None
 
 
