@@ -432,7 +432,7 @@ def sweep_table(rows):
         if len(group) < 2:
             continue
         seeds = sorted(set.intersection(*(set(r["seeds"]) for r in group)))
-        default = next((r for r in group if schedule_flags(r.get("flags", "")) == "defaults"), None)
+        default = next((r for r in group if sweep_setting(r.get("flags", "")) == "defaults"), None)
         picks = {k: [] for k in ("default",) + VALIDATORS + ("oracle",)}
         for seed in seeds:
             cands = []  # (evaluation, row) of every setting's run of this seed
@@ -681,6 +681,16 @@ def shown(r):
     if "--target-val" in toks:
         label += " (target val)"
     return label
+
+
+def sweep_setting(flags):
+    """What makes a sweep row's setting: its flags without those of schedule_flags and without --steps (a sweep's rows
+    share their schedule: sweep_table groups them by steps), so a shortened sweep's `--steps N` row is its default."""
+    toks = shlex.split(schedule_flags(flags))
+    if "--steps" in toks:
+        i = toks.index("--steps")
+        del toks[i:i + 2]
+    return " ".join(toks) if toks and toks != ["defaults"] else "defaults"
 
 
 def schedule_flags(flags):
