@@ -686,11 +686,11 @@ def shown(r):
 def sweep_setting(flags):
     """What makes a sweep row's setting: its flags without those of schedule_flags and without --steps (a sweep's rows
     share their schedule: sweep_table groups them by steps), so a shortened sweep's `--steps N` row is its default."""
-    toks = shlex.split(schedule_flags(flags))
+    kept = schedule_flags(flags)
+    toks = [] if kept == "defaults" else shlex.split(kept)
     if "--steps" in toks:
-        i = toks.index("--steps")
-        del toks[i:i + 2]
-    return " ".join(toks) if toks and toks != ["defaults"] else "defaults"
+        del toks[toks.index("--steps"):toks.index("--steps") + 2]
+    return " ".join(toks) or "defaults"
 
 
 def schedule_flags(flags):
