@@ -55,8 +55,9 @@ Paper (Table 1, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGA
 calibrator.py --task usps-mnist --seed 0 --source-ckpt FILE --betas 0.5,0.999 --weight-decay 0 --reuse-forward
 --init torch`: 84.95 (F_s alone 68.58), 95.46 with `--source-bn train`; `--task mnist-usps --source-epochs 5 --epochs
 25` (a short CPU schedule), seeds 0-2: 86.71 +- 2.96 (F_s alone 77.84), seed 0 with `--source-bn train` 91.68.
-Today's stage 2 (the same mnist-usps command without the four stage-2 flags), seeds 0-2: 85.14 +- 6.85 (91.88 / 85.35 / 78.18; F_s alone 77.91): at
-25 of the official 200 epochs not better on average than the earlier one, and more variable.
+Today's stage 2 (the same mnist-usps command without the four stage-2 flags), seeds 0-2: 85.14 +- 6.85
+(91.88 / 85.35 / 78.18; F_s alone 77.91): at 25 of the official 200 epochs not better on average than the earlier
+one, and more variable.
 """
 
 import argparse
