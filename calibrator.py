@@ -57,7 +57,7 @@ calibrator.py --task usps-mnist --seed 0 --source-ckpt FILE --betas 0.5,0.999 --
 25` (a short CPU schedule), seeds 0-2: 86.71 +- 2.96 (F_s alone 77.84), seed 0 with `--source-bn train` 91.68.
 Today's stage 2 (the same mnist-usps command without the four stage-2 flags), seeds 0-2: 85.14 +- 6.85
 (91.88 / 85.35 / 78.18; F_s alone 77.91): at 25 of the official 200 epochs not better on average than the earlier
-one, and more variable.
+one, and more variable (seed 2's F_s file with the earlier stage 2: 87.94).
 """
 
 import argparse
