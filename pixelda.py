@@ -44,10 +44,10 @@ Paper numbers (target accuracy): MNIST->MNIST-M 98.2 (source-only 63.6), MNIST->
 Measured numbers: RESULTS.md. On MNIST->USPS at 400 CPU steps the private first conv ends at 42.95 / 33.28 / 15.05
 (seeds 0-2) after peaks of 71.1 / 53.2 / 63.9, a shared one (`--no-private-conv`) at 77.4 / 58.6 / 57.2: both fall,
 the private one more.
-Until commit 50f9e9c this file put 0.1356 on G's GAN loss and 0.0113 on a masked
-PMSE (G's adversarial-to-task balance about 13:1 instead of the release's about 1:1), used the DANN tower (VALID
-padding, one first conv), one batch and z for both steps, weight decay 1e-5 and one clipping norm per network;
-those rows are marked with that commit in RESULTS.md (MNIST->USPS then collapsed: G redrew digits as other classes).
+Until commit 50f9e9c this file put 0.1356 on G's GAN loss and 0.0113 on a masked PMSE (G's adversarial-to-task
+balance about 13:1 instead of the release's about 1:1), used the DANN tower (VALID padding, one first conv), one
+batch and z for both steps, weight decay 1e-5 and one clipping norm per network; those rows are marked with that
+commit in RESULTS.md (MNIST->USPS then collapsed: G redrew digits as other classes).
 """
 
 import argparse
