@@ -671,15 +671,18 @@ def mean_std(values):
     return f"{m:.2f} ± {s:.2f}"
 
 
-def shown(r):
+def shown(r, gpu=True):
     """A row's variant as the tables show it: rows that differ only by a protocol flag the variant name does not
-    carry get it appended, so no two rows of a table read the same."""
+    carry get it appended, so no two rows of a table read the same (gpu=False: without the "(GPU)" of runs made
+    with --device cuda, for the README's choice of row)."""
     toks = shlex.split(r.get("flags", ""))
     label = r["variant"]
     if "--source-epochs" in toks and r["method"] == "calibrator":
         label += f" (stage 1: {toks[toks.index('--source-epochs') + 1]} epochs)"
     if "--target-val" in toks:
         label += " (target val)"
+    if gpu and "--device" in toks and toks[toks.index("--device") + 1:][:1] == ["cuda"]:
+        label += " (GPU)"
     return label
 
 
@@ -789,12 +792,13 @@ README_END = "<!-- end of the results table -->"
 
 def headline(store):
     """[(method, task, paper number, row or None)] for the README's table: per entry of HEADLINE, the first label that
-    has a row (the most seeds, then the longest schedule)."""
+    has a row (the most seeds, then the longest schedule; a GPU run's row counts like a CPU one)."""
     out = []
     for m, t, paper_variant, labels in HEADLINE:
         found = None
         for label in labels:
-            rows = [r for r in store["rows"].values() if (r["method"], r["task"], shown(r)) == (m, t, label)]
+            rows = [r for r in store["rows"].values()
+                    if (r["method"], r["task"], shown(r, gpu=False)) == (m, t, label)]
             if rows:
                 found = max(rows, key=lambda r: (len(r["seeds"]), r["steps"]))
                 break

@@ -1762,6 +1762,11 @@ def _no_nan(obj):
     return obj
 
 
+def device_name(device):
+    """'cpu', or the GPU's name too ('cuda (NVIDIA H200)'): the summary's device, RESULTS.md's device column."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
 def finish(run_dir, summary, meter, t_start, device, final=None, domains=None):
     """Complete the summary (the --target-val accuracy, what the accuracies were measured on for a folder task,
     training steps/s, seconds, device, run folder, versions), write summary.json atomically, print it as the last
@@ -1777,7 +1782,8 @@ def finish(run_dir, summary, meter, t_start, device, final=None, domains=None):
                            "nothing: no --target-test-dir, so no target accuracy (see predictions.csv)"}
     summary["selection"] = selection(run_dir)
     summary = dict(_no_nan(summary), train_steps_per_sec=meter.steps_per_sec if meter else None,
-                   seconds=round(time.time() - t_start, 1), device=str(device), run_dir=str(run_dir), versions=versions())
+                   seconds=round(time.time() - t_start, 1), device=device_name(device), run_dir=str(run_dir),
+                   versions=versions())
     atomic_write_json(summary, Path(run_dir) / "summary.json")
     (Path(run_dir) / "checkpoint.pt").unlink(missing_ok=True)
     if meter is not None:

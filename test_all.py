@@ -1866,6 +1866,12 @@ def test_benchmark_labels_rows_that_differ_only_by_a_protocol_flag(tmp_path):
                                        "b": dict(base, flags="--source-epochs 30 --target-val 1000")}}
     assert benchmark.shown(store["rows"]["a"]) == "calibrator"
     assert benchmark.shown(store["rows"]["b"]) == "calibrator (stage 1: 30 epochs) (target val)"
+    gpu = dict(base, flags="--threads 1 --device cuda", seeds=[0, 1], target_acc=[71.0, 73.0], seconds=[9, 9],
+               source_acc=[99.0, 99.0], device="cuda (NVIDIA H200)")
+    assert benchmark.shown(gpu) == "calibrator (GPU)" and benchmark.shown(gpu, gpu=False) == "calibrator"
+    # the README takes the row with the most seeds whichever device ran it, and its label still says "(GPU)"
+    picked = {(m, t): r for m, t, _, r in benchmark.headline(dict(store, rows=dict(store["rows"], c=gpu)))}
+    assert picked[("calibrator", "usps-mnist")] is gpu
     benchmark.render(store, tmp_path / "R.md")
     table = [line for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("| usps-mnist |")]
     assert len(table) == 2 and len(set(t.split(" | ")[1] for t in table)) == 2 and all("97.10" in t for t in table)
