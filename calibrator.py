@@ -51,13 +51,12 @@ Deviations, each a flag or stated here:
   * No CycleGAN-stylised source (the paper's best rows): the calibrator alone; the release never published that part.
 
 Paper (Table 1, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGAN-stylised source: 97.1 / 98.3 /
-97.5). Measured (RESULTS.md; final G_c, target test split) with the stage 2 used until commit 50f9e9c, `python
-calibrator.py --task usps-mnist --seed 0 --source-ckpt FILE --betas 0.5,0.999 --weight-decay 0 --reuse-forward
---init torch`: 84.95 (F_s alone 68.58), 95.46 with `--source-bn train`; `--task mnist-usps --source-epochs 5 --epochs
-25` (a short CPU schedule), seeds 0-2: 86.71 +- 2.96 (F_s alone 77.84), seed 0 with `--source-bn train` 91.68.
-Today's stage 2 (the same mnist-usps command without the four stage-2 flags), seeds 0-2: 85.14 +- 6.85
-(91.88 / 85.35 / 78.18; F_s alone 77.91): at 25 of the official 200 epochs not better on average than the earlier
-one, and more variable (seed 2's F_s file with the earlier stage 2: 87.94).
+97.5). Measured (RESULTS.md; final G_c, target test split; 25 epochs of stage 2, a short schedule; seeds 0-2 on one
+GPU's F_s files), this stage 2 against the one used until commit 50f9e9c (`--betas 0.5,0.999 --weight-decay 0
+--reuse-forward --init torch`): U->M (`--source-epochs 30`) 74.17 +- 3.54 against 66.11 +- 5.27 (F_s alone 51.0),
+83.17 against 80.06 with `--source-bn train`; M->U (`--source-epochs 5`) 77.36 +- 2.79 against 82.34 +- 7.30 (F_s
+alone 77.9), 89.82 against 89.67 with `--source-bn train`. On M->U it sometimes stays at F_s alone's level: on such
+a seed's F_s only `--init torch` of the four single changes lifts it (87.25 against 78.82), on another each does.
 """
 
 import argparse
