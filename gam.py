@@ -36,8 +36,8 @@ Deviations, each with its reason:
   * Two Adam objects (F^t, discriminators) where the release shares one: each parameter's moments are its own
     either way; only the shared bias-correction counter differs (no effect after a few hundred iterations).
   * No stage-1 L2 by default (the official tools/train.py, get_total_loss: 2.5e-5); `--source-l2 2.5e-5
-    --no-source-dropout` trains the official F^s: U->M seeds 0 / 2 stall at 90.80 / 90.62 (class 7 emptied), 90.77 /
-    98.10 with ours.
+    --no-source-dropout` trains the official F^s: U->M seeds 0 / 2 / 5 end at 90.80 / 90.62 / 93.63 (class 7 emptied
+    or half), ours 90.77 / 98.10 / 97.96.
 
 Paper (Table 1, M->U / U->M / S->M): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM 95.7 +- 0.5 /
 98.0 +- 0.5 / 74.6 +- 1.1. Measured (RESULTS.md; final F^t, target test split), `python gam.py --task usps-mnist
