@@ -673,15 +673,15 @@ def mean_std(values):
 
 def shown(r, gpu=True):
     """A row's variant as the tables show it: rows that differ only by a protocol flag the variant name does not
-    carry get it appended, so no two rows of a table read the same (gpu=False: without the "(GPU)" of runs made
-    with --device cuda, for the README's choice of row)."""
+    carry get it appended, so no two rows of a table read the same (gpu=False: without the "(GPU)" of rows whose
+    runs' summary names a CUDA device, for the README's choice of row)."""
     toks = shlex.split(r.get("flags", ""))
     label = r["variant"]
     if "--source-epochs" in toks and r["method"] == "calibrator":
         label += f" (stage 1: {toks[toks.index('--source-epochs') + 1]} epochs)"
     if "--target-val" in toks:
         label += " (target val)"
-    if gpu and "--device" in toks and toks[toks.index("--device") + 1:][:1] == ["cuda"]:
+    if gpu and r.get("device", "").startswith("cuda"):
         label += " (GPU)"
     return label
 
