@@ -422,17 +422,21 @@ def sweep_table(rows):
     """Selection across hyperparameters: rows of one method, task and schedule that differ only by the method's flags
     (a sweep) are pooled per seed, and each validator picks among all (flags, evaluation) pairs of that seed. Beside
     each pick's target test accuracy: the default flags' final model (the row whose flags change nothing, if any)
-    and the oracle's pick (by the target test labels). Mean ± std over the seeds every setting has."""
+    and the oracle's pick (by the target test labels). Mean ± std over the seeds every setting has; a setting run on
+    fewer seeds than the default flags (or, without them, the best-covered setting) stays out, so that a one-seed
+    diagnostic does not shrink a sweep to its seed."""
     groups = {}
     for r in rows:
         if any(r.get("extra", {}).get("evals") or []):
             groups.setdefault((r["method"], r["task"], r["steps"]), []).append(r)
     out = []
     for (m, t, steps), group in sorted(groups.items()):
+        default = next((r for r in group if sweep_setting(r.get("flags", "")) == "defaults"), None)
+        ref = set((default or max(group, key=lambda r: len(r["seeds"])))["seeds"])
+        group = [r for r in group if ref <= set(r["seeds"])]
         if len(group) < 2:
             continue
         seeds = sorted(set.intersection(*(set(r["seeds"]) for r in group)))
-        default = next((r for r in group if sweep_setting(r.get("flags", "")) == "defaults"), None)
         picks = {k: [] for k in ("default",) + VALIDATORS + ("oracle",)}
         for seed in seeds:
             cands = []  # (evaluation, row) of every setting's run of this seed

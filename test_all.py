@@ -2325,6 +2325,8 @@ def test_benchmark_selection_across_a_sweep_pools_every_settings_evaluations():
     # seed 0: im picks (0.9 -> 80), oracle 80; seed 1: im picks (0.2 -> 72), oracle 72; default finals 70, 72
     assert table[-1] == "| dann | mnist-usps | 10 | 2 | 2 | 71.00 ± 1.41 | — | — | 76.00 ± 5.66 | — | — | 76.00 ± 5.66 |"
     assert benchmark.sweep_table(rows[:1]) == []  # one setting is not a sweep
+    one_seed = dict(row("--threads 1 --lr 9", [(99, 99), (0, 0)], [(0.9, 0.9), (0, 0)], [99.0, 0.0]), seeds=[0])
+    assert benchmark.sweep_table(rows + [one_seed])[-1] == table[-1]  # a one-seed diagnostic leaves the sweep as it is
     short = [dict(r, flags=r["flags"] + " --steps 10") for r in rows]  # a shortened sweep: its --steps row is the default
     assert benchmark.sweep_table(short)[-1] == table[-1]
     assert benchmark.sweep_setting("--threads 1 --steps 10 --eval-every 5 --lr 0.1") == "--lr 0.1"
