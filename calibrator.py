@@ -51,9 +51,10 @@ Deviations, each a flag or stated here:
   * No CycleGAN-stylised source (the paper's best rows): the calibrator alone; the release never published that part.
 
 Paper (Table 1, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGAN-stylised source: 97.1 / 98.3 /
-97.5). Measured (RESULTS.md; final G_c, target test split; 25 epochs of stage 2, a short schedule; seeds 0-2 on one
-GPU's F_s files), this stage 2 against the one used until commit 50f9e9c (`--betas 0.5,0.999 --weight-decay 0
---reuse-forward --init torch`): U->M (`--source-epochs 30`) 74.17 +- 3.54 against 66.11 +- 5.27 (F_s alone 51.0),
+97.5). Measured (RESULTS.md; final G_c, target test split): U->M at these defaults (CPU, seeds 0 / 1) 94.37 / 81.96
+(F_s alone 68.6 / 63.4; seed 1 empties class 7), where the stage 2 used until commit 50f9e9c (`--betas 0.5,0.999
+--weight-decay 0 --reuse-forward --init torch`) gave 84.95 on seed 0's F_s. At 25 stage-2 epochs (seeds 0-2, one
+GPU's F_s files), this stage 2 against that one: U->M (`--source-epochs 30`) 74.17 +- 3.54 against 66.11 +- 5.27,
 83.17 against 80.06 with `--source-bn train`; M->U (`--source-epochs 5`) 77.36 +- 2.79 against 82.34 +- 7.30 (F_s
 alone 77.9), 89.82 against 89.67 with `--source-bn train`. On M->U it sometimes stays at F_s alone's level: on such
 a seed's F_s only `--init torch` of the four single changes lifts it (87.25 against 78.82), on another each does.
