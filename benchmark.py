@@ -188,6 +188,12 @@ def parse_args():
     p.add_argument("--speed-steps", type=int, default=500, help="training steps per --speed run")
     p.add_argument("--collect", metavar="OUT", default=None, help="start nothing: (re)build the results store and "
                    "RESULTS.md from the finished runs under OUT (their run folders' summary.json)")
+    p.add_argument("--fingerprint", action="store_true", help="start nothing: print each script's behaviour "
+                   "fingerprint (a fixed tiny CPU run on fixture data, hashed) as one JSON line")
+    p.add_argument("--save", action="store_true", help="with --fingerprint: store them in the results store as "
+                   "today's (a change meant to move results does this in the same commit)")
+    p.add_argument("--backfill", action="store_true", help="start nothing: give stored seeds without provenance the "
+                   "commit that was HEAD when they ran and that commit's fingerprint, and split rows by fingerprint")
     p.add_argument("--launcher", default="local", choices=["local", "submitit"],
                    help="local: a pool of subprocesses on this machine (--jobs); submitit: one job per run, "
                         "submitted as SLURM job arrays through submitit (see the group below)")
@@ -305,6 +311,195 @@ def fill(flags, task, seed):
     return [f.replace("{task}", task).replace("{seed}", str(seed)) for f in flags]
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Behaviour fingerprints and provenance: which code made a number
+# ------------------------------------------------------------------------------------------------------------------
+# A fingerprint is the hash of a fixed, tiny, deterministic CPU run of a script (one thread, seed 0, fixture data in
+# the real file formats): its final accuracies and every tensor of the model files it writes. Code whose behaviour is
+# the same gives the same fingerprint (a refactor must leave it identical); a change meant to move results changes it
+# and is regenerated in the same commit (`python benchmark.py --fingerprint --write`). results.json keeps today's
+# under "fingerprints"; a row whose seeds ran with another fingerprint is earlier code.
+FINGERPRINT_RUNS = {
+    "dann": ["--task", "mnist-usps", "--steps", "24", "--batch-size", "16", "--eval-every", "12"],
+    "gam": ["--task", "mnist-usps", "--source-steps", "30", "--steps", "16", "--disc-pretrain", "4", "--batch-size", "16",
+            "--eval-every", "8", "--converge-window", "2", "--converge-tol", "10"],
+    "calibrator": ["--task", "mnist-usps", "--source-epochs", "3", "--steps", "12", "--batch-size", "16", "--width", "2",
+                   "--blocks", "1", "--eval-every", "6"],
+    "i2i_adapt": ["--task", "usps-mnist", "--steps", "12", "--batch-size", "4", "--eval-every", "6"],
+    "pixelda": ["--task", "mnist-usps", "--steps", "12", "--batch-size", "4", "--res-blocks", "1", "--grid-every", "6",
+                "--lr-decay-steps", "5", "--eval-every", "6"],
+}
+FIXTURE_TRAIN, FIXTURE_TEST = 60, 30
+
+
+def fixture_digits(n, size, channels, seed, shift=0):
+    """n images whose content depends on the label (a bright bar at a label-dependent row) plus noise, and the labels.
+    Each dataset has its own `shift` of the label -> row code, so a model trained on one domain's labels gets about 0%
+    on another's (source-only, oracle and adapted runs tell apart on fixture data)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    rng.shuffle(y)
+    x = rng.integers(0, 60, size=(n, size, size, channels), dtype=np.uint8)
+    for i, c in enumerate(y):
+        r = 2 + (int(c) + shift) % 10 * (size - 4) // 10
+        x[i, r:r + 2, 2:size - 2, :] = 250
+    return x, y
+
+
+def write_fixture_mnist(root, seed=0, n=(FIXTURE_TRAIN, FIXTURE_TEST)):
+    """Tiny MNIST in torchvision's raw idx files (<root>/MNIST/raw); {split: (images, labels)}."""
+    import struct
+
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, prefix, k in (("train", "train", n[0]), ("test", "t10k", n[1])):
+        x, y = fixture_digits(k, 28, 1, seed + (split == "test"))
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, k, 28, 28) + x[..., 0].tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, k) + y.astype("uint8").tobytes())
+        out[split] = (x, y)
+    return out
+
+
+def write_fixture_usps(root, seed=10, n=(FIXTURE_TRAIN, FIXTURE_TEST)):
+    """Tiny USPS in the LIBSVM .bz2 files torchvision reads (<root>/usps.bz2, usps.t.bz2); {split: (images, labels)}."""
+    import bz2
+
+    out = {}
+    for split, fname, k in (("train", "usps.bz2", n[0]), ("test", "usps.t.bz2", n[1])):
+        x, y = fixture_digits(k, 16, 1, seed + (split == "test"), shift=5)
+        v = x[..., 0].reshape(k, 256).astype("float64") / 255 * 2 - 1
+        lines = [f"{int(c) + 1}" + "".join(f" {j + 1}:{val:f}" for j, val in enumerate(row)) + " \n" for c, row in zip(y, v)]
+        (Path(root) / fname).write_bytes(bz2.compress("".join(lines).encode()))
+        out[split] = (x, y)
+    return out
+
+
+def has_tensor(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return any(has_tensor(v) for v in obj.values())
+    return isinstance(obj, (list, tuple)) and any(has_tensor(v) for v in obj)
+
+
+def tensor_digest(obj, h):
+    """Feed every tensor of a (nested) checkpoint into the hash h with the keys that lead to it, keys sorted; what
+    holds no tensor (the run's args, paths, a flag added to the parser) is left out."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if has_tensor(obj[k]):
+                h.update(str(k).encode())
+                tensor_digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            if has_tensor(v):
+                tensor_digest(v, h)
+
+
+def fingerprint(method, code_dir=HERE, work=None):
+    """The behaviour fingerprint of `method` as the scripts in code_dir behave (12 hex digits): the run of
+    FINGERPRINT_RUNS on fixture data, hashed (final target and source accuracy, every tensor of its .pt files)."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        tmp = Path(tmp)
+        write_fixture_mnist(tmp / "data")
+        write_fixture_usps(tmp / "data")
+        env = dict(os.environ, UDA_DATA_DIR=str(tmp / "data"), UDA_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1",
+                   PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, str(Path(code_dir) / f"{method}.py"), *FINGERPRINT_RUNS[method], "--seed", "0",
+               "--threads", "1", "--device", "cpu", "--no-download", "--out", str(tmp / "runs")]
+        p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"fingerprint run of {method} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        h = hashlib.sha256(json.dumps([summary["target_acc"], summary["source_acc"]]).encode())
+        (run,) = (tmp / "runs").iterdir()
+        for f in sorted(run.glob("*.pt")):
+            h.update(f.name.encode())
+            tensor_digest(torch.load(f, map_location="cpu", weights_only=True), h)
+        return h.hexdigest()[:12]
+
+
+def code_hash(method, code_dir=HERE):
+    """sha256 of the files a method's fingerprint can depend on: its script, common.py and benchmark.py (which holds
+    FINGERPRINT_RUNS and the fixture data), 12 hex digits."""
+    h = hashlib.sha256()
+    for f in (f"{method}.py", "common.py", "benchmark.py"):
+        h.update((Path(code_dir) / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+FINGERPRINT_CACHE = HERE / ".cache" / "fingerprints.json"
+
+
+def cached_fingerprint(method):
+    """fingerprint(method) of the code as it is now, remembered per code_hash and torch version in .cache/ (a run of
+    a few seconds the first time)."""
+    import torch
+
+    key = f"{method}|{code_hash(method)}|{torch.__version__}"
+    cache = json.loads(FINGERPRINT_CACHE.read_text()) if FINGERPRINT_CACHE.exists() else {}
+    if key not in cache:
+        cache[key] = fingerprint(method)
+        FINGERPRINT_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = FINGERPRINT_CACHE.with_name(f"fingerprints.{os.getpid()}.tmp")
+        fresh = json.loads(FINGERPRINT_CACHE.read_text()) if FINGERPRINT_CACHE.exists() else {}
+        tmp.write_text(json.dumps({**fresh, **cache}, indent=1) + "\n")
+        os.replace(tmp, FINGERPRINT_CACHE)
+    return cache[key]
+
+
+def git(*args):
+    """A git command's stdout in this repository, or None (no git, not a checkout)."""
+    try:
+        p = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def provenance(method):
+    """What made a run, recorded per seed: the commit, which of the method's files had uncommitted changes, the
+    behaviour fingerprint of the code as it is, and (filled from the run's summary) torch, device and threads."""
+    dirty = git("status", "--porcelain", "--", f"{method}.py", "common.py", "benchmark.py")
+    return {"commit": git("rev-parse", "--short=12", "HEAD"),
+            "dirty": sorted(line[3:] for line in dirty.splitlines()) if dirty else [],
+            "fingerprint": cached_fingerprint(method)}
+
+
+def seed_provenance(prov, summary, threads):
+    """A seed's provenance: the launch-time record (commit, dirty files, fingerprint) completed from its summary."""
+    if prov is None:
+        return None
+    return dict(prov, torch=(summary.get("versions") or {}).get("torch"), device=summary.get("device"),
+                threads=threads)
+
+
+def today(store, method):
+    """Today's fingerprint of a method, as results.json holds it (None before one was stored)."""
+    return (store.get("fingerprints") or {}).get(method)
+
+
+def is_current(row, store):
+    """Did every seed of this row run with today's code (one fingerprint, the stored one of its method)?"""
+    fp = row.get("fingerprint")
+    return fp is not None and fp == today(store, row["method"])
+
+
 # Summary fields kept per seed in results.json besides the accuracies (a script that has no such field stores None).
 EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "source_model_alone",
               "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins",
@@ -409,7 +604,7 @@ def selection_table(rows):
         out.append(f"| {r['method']} | {r['task']} | {shown(r)} | {r['steps']} | {len(sels)} | " + " | ".join(cells) + " |")
     if not out:
         return []
-    return ["", "### Model selection without target labels", "",
+    return ["", "#### Model selection without target labels", "",
             "Target test accuracy of the checkpoint each label-free validator would pick among a run's evaluations",
             "(every `--eval-every` steps and the final model; `summary.json`'s `selection`), mean ± std over seeds; ρ:",
             "the validator's Spearman rank correlation with the target accuracy over all evaluations of the row's runs.",
@@ -457,7 +652,7 @@ def sweep_table(rows):
             out.append(f"| {m} | {t} | {steps} | {len(group)} | {len(picks['oracle'])} | " + " | ".join(cells) + " |")
     if not out:
         return []
-    return ["", "### Model selection across hyperparameters", "",
+    return ["", "#### Model selection across hyperparameters", "",
             "Rows of one task and schedule that differ only by the method's flags form a sweep. Per seed, each",
             "validator picks one (flags, evaluation) pair among all the settings' evaluations; the table gives the",
             "target test accuracy of that pick, mean ± std over seeds, beside the default flags' final model and the",
@@ -472,7 +667,8 @@ def merge_seeds(row, new):
     for i, s in enumerate(row["seeds"]):
         r = {"seed": s, "target_acc": row["target_acc"][i], "source_acc": row["source_acc"][i],
              "seconds": row["seconds"][i], "command": row["commands"][i], "device": row["device"],
-             "variant": row["variant"], "steps": row["steps"]}
+             "variant": row["variant"], "steps": row["steps"],
+             "provenance": (row.get("provenance") or [None] * len(row["seeds"]))[i]}
         r.update({k: v[i] for k, v in row.get("extra", {}).items()})
         by_seed[s] = r
     by_seed.update({r["seed"]: r for r in new})
@@ -505,9 +701,11 @@ def run_one(method, task, seed, extra, threads, out, cell=False, ckpt_every=None
     logs = Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     tag = f"{method}__{task}__{seed}__{hashlib.sha1(json.dumps(extra).encode()).hexdigest()[:8]}"
-    (logs / f"{tag}.cell.json").write_text(json.dumps(dict(method=method, task=task, seed=seed, extra=template,
-                                                           threads=threads, command=shown)) + "\n")
     done = finished_run(logs / f"{tag}.out") if cell else None
+    if done is None:  # what code this run is about to run (a finished cell keeps the record it ran with)
+        (logs / f"{tag}.cell.json").write_text(json.dumps(dict(method=method, task=task, seed=seed, extra=template,
+                                                               threads=threads, command=shown,
+                                                               provenance=provenance(method))) + "\n")
     if done is not None:
         print(f"finished before: {shown}", flush=True)
         return done
@@ -533,8 +731,9 @@ def run_one(method, task, seed, extra, threads, out, cell=False, ckpt_every=None
     print(f"done in {time.time() - t0:.0f}s: {shown} -> target {summary['target_acc']} "
           f"source {summary['source_acc']}", flush=True)
     run_dir = summary.get("run_dir")
+    prov = json.loads((logs / f"{tag}.cell.json").read_text()).get("provenance")
     return dict(summary, command=shown, cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1) if usage else None,
-                **from_run(HERE / run_dir if run_dir else None))
+                provenance=seed_provenance(prov, summary, threads), **from_run(HERE / run_dir if run_dir else None))
 
 
 def logged_run(log):
@@ -552,7 +751,9 @@ def finished_run(log):
     if run is None or not (run / "summary.json").exists():
         return None
     cell = json.loads(log.with_suffix(".cell.json").read_text())
-    return dict(json.loads((run / "summary.json").read_text()), command=cell["command"], **from_run(run))
+    summary = json.loads((run / "summary.json").read_text())
+    return dict(summary, command=cell["command"],
+                provenance=seed_provenance(cell.get("provenance"), summary, cell.get("threads")), **from_run(run))
 
 
 class Cell:
@@ -687,7 +888,21 @@ def shown(r, gpu=True):
         label += " (target val)"
     if gpu and r.get("device", "").startswith("cuda"):
         label += " (GPU)"
-    return label
+    return label + r.get("mark", "")
+
+
+def marked(rows, store):
+    """Copies of the rows for display: a row whose seeds did not all run with today's code (its method's stored
+    fingerprint) reads "[earlier code]" wherever a table shows its variant."""
+    return [r if is_current(r, store) or "[code of" in r["variant"] else dict(r, mark=" [earlier code]") for r in rows]
+
+
+def waits_for(r):
+    """What re-run an earlier-code row waits for."""
+    where = " on a GPU" if r.get("device", "").startswith("cuda") else ""
+    fps = sorted({(p or {}).get("fingerprint") or "unknown" for p in r.get("provenance") or [None]})
+    return (f"{r['method']} {r['task']} {shown(r)}: earlier code (fingerprint {', '.join(fps)}); waits for a re-run "
+            f"of its command at today's code{where}")
 
 
 def sweep_setting(flags):
@@ -719,7 +934,7 @@ def tradeoff_table(rows):
     rows = [r for r in rows if any(r.get("extra", {}).get("source_model_alone") or [])]
     if not rows:
         return []
-    out = ["", "### Calibrator: accuracy trade-off and cost", "",
+    out = ["", "#### Calibrator: accuracy trade-off and cost", "",
            "F_s alone is the frozen source classifier before stage 2 (same seed); F_s∘G_c is it behind the final",
            "calibrator. The source change is F_s∘G_c minus F_s alone on the source test split, per seed, then averaged.",
            "With `--source-bn train`, *F_s alone after drift* is F_s with the BatchNorm statistics stage 2 left in it.",
@@ -757,7 +972,7 @@ def curve_table(rows, points=12):
                    + " · ".join(f"{steps[i]}: {m:.1f}" for i, m in zip(keep, mean)) + " |")
     if not out:
         return []
-    return ["", "### Target accuracy during training", "",
+    return ["", "#### Target accuracy during training", "",
             "Target test accuracy logged every `--eval-every` steps (a curve only: the reported number is always the",
             "final model's), mean over seeds, as `step: accuracy`.", "",
             "| method | task | variant | seeds | curve |", "|---|---|---|---|---|"] + out
@@ -773,9 +988,9 @@ GRID_ROWS = {"calibrator": "source, G_c(source), its perturbation (amplified), t
              "i2i_adapt": "source, source→target, source reconstruction, target, target→source, target reconstruction",
              "pixelda": "source, G(source, z) for three noise draws z, target images"}
 
-# The README's table: per (method, task), the paper's variant and the stored rows that stand for the script's default
-# flags, as the tables label them, in order of preference: today's code first, then the closest earlier row (its
-# label says what differs: `[code of ...]`, `[earlier F^s files]`, an earlier stage 2, `(target val)`).
+# The README's table: per (method, task), the paper's variant and the labels of the stored rows that may stand for the
+# script's default flags: the default first, then the declared closest (its label says what differs: `[code of ...]`,
+# `[earlier F^s files]`, an earlier stage 2). A row run with --target-val never stands for one (its label differs).
 HEADLINE = [
     ("dann", "mnist-usps", "dann", ["dann"]),
     ("dann", "usps-mnist", "dann", ["dann"]),
@@ -785,8 +1000,8 @@ HEADLINE = [
     ("calibrator", "mnist-usps", "calibrator", ["calibrator (stage 1: 5 epochs)",
                                                 "calibrator (betas 0.5,0.999, wd 0, one forward, torch init) (stage 1: 5 epochs)"]),
     ("calibrator", "usps-mnist", "calibrator", ["calibrator", "calibrator (betas 0.5,0.999, wd 0, one forward, torch init)"]),
-    ("i2i_adapt", "mnist-usps", "full", ["full (target val)", "full"]),
-    ("i2i_adapt", "usps-mnist", "full", ["full (target val)", "full"]),
+    ("i2i_adapt", "mnist-usps", "full", ["full"]),
+    ("i2i_adapt", "usps-mnist", "full", ["full"]),
     ("pixelda", "mnist-usps", "pixelda", ["pixelda"]),
     ("pixelda", "mnist-mnistm", "pixelda", ["pixelda", "pixelda [code of 50f9e9c]"]),
 ]
@@ -794,44 +1009,102 @@ README_BEGIN = "<!-- results table: written by benchmark.py from results.json --
 README_END = "<!-- end of the results table -->"
 
 
+def default_flags(r):
+    """Did the row run at the script's default flags (nothing but threads, logging, cache paths and the device)?"""
+    toks = shlex.split(schedule_flags(r.get("flags", "")).replace("defaults", ""))
+    if "--device" in toks:
+        del toks[toks.index("--device"):toks.index("--device") + 2]
+    return not toks
+
+
 def headline(store):
-    """[(method, task, paper number, row or None)] for the README's table: per entry of HEADLINE, the first label that
-    has a row (the most seeds, then the longest schedule; a GPU run's row counts like a CPU one)."""
+    """[(method, task, paper number, rows)] for the README's table. One rule picks the rows that stand for a (method,
+    task) among those whose label HEADLINE lists: today's fingerprint first, then the default flags (a row whose
+    flags change nothing) before the declared closest (HEADLINE's labels in order, and any schedule), then the most
+    seeds, then the longest schedule. Rows equal on all of these are all shown
+    (never one picked by the store's order); a GPU run's row counts like a CPU one."""
     out = []
     for m, t, paper_variant, labels in HEADLINE:
-        found = None
-        for label in labels:
-            rows = [r for r in store["rows"].values()
-                    if (r["method"], r["task"], shown(r, gpu=False)) == (m, t, label)]
-            if rows:
-                found = max(rows, key=lambda r: (len(r["seeds"]), r["steps"]))
-                break
-        out.append((m, t, PAPER.get((m, t, paper_variant)), found))
+        cands = [r for r in store["rows"].values() if (r["method"], r["task"]) == (m, t) and shown(r, gpu=False) in labels]
+        rank = lambda r: (is_current(r, store), default_flags(r), -labels.index(shown(r, gpu=False)),  # noqa: E731
+                          len(r["seeds"]), r["steps"])
+        best = max(map(rank, cands), default=None)
+        out.append((m, t, PAPER.get((m, t, paper_variant)), [r for r in cands if rank(r) == best]))
     return out
 
 
 def readme_table(store):
     lines = ["| method | task | paper | ours: target acc | seeds | steps | variant | command |",
              "|---|---|---|---|---|---|---|---|"]
-    for m, t, paper, r in headline(store):
+    waiting = []
+    for m, t, paper, rows in headline(store):
         paper = f"{paper:.1f}" if paper is not None else "—"
-        if r is None:
+        if not rows:
             lines.append(f"| {m} | {t} | {paper} | not measured | | | | |")
-        else:
+        for r in marked(rows, store):
             lines.append(f"| {m} | {t} | {paper} | {mean_std(r['target_acc'])} | {len(r['seeds'])} | {r['steps']} | "
                          f"{shown(r)} | `{r['command']}` |")
+            waiting += [waits_for(r)] if not is_current(r, store) else []
+    if waiting:
+        lines += ["", "Rows marked [earlier code] ran on code whose behaviour fingerprint is not today's:"]
+        lines += [f"- {w}." for w in waiting]
     return lines
 
 
+STATUS_BEGIN = "<!-- status: written by benchmark.py from results.json -->"
+STATUS_END = "<!-- end of the status -->"
+TASK_NAMES = {"mnist-usps": "M→U", "usps-mnist": "U→M", "mnist-mnistm": "MNIST→MNIST-M", "svhn-mnist": "S→M"}
+
+
+def status_lines(store):
+    """The README's "where it stands", from the same rows as its table: per method, each task's number against the
+    paper's, the source-only row of the same schedule where one is stored (so a method that ends below its own
+    baseline says so), and the marks of earlier code."""
+    out = []
+    for m in METHODS:
+        parts = []
+        for mm, t, paper, rows in headline(store):
+            if mm != m:
+                continue
+            if not rows:
+                parts.append(f"{TASK_NAMES.get(t, t)} not measured")
+            for r in marked(rows, store):
+                txt = (f"{TASK_NAMES.get(t, t)} {mean_std(r['target_acc'])}{' (GPU)' if r['device'].startswith('cuda') else ''}"
+                       f"{r.get('mark', '')}")
+                if paper is not None:
+                    gap = statistics.mean(r["target_acc"]) - paper
+                    txt += f" (paper {paper:.1f}: {abs(gap):.1f} {'above' if gap >= 0 else 'below'})"
+                so = [o for o in store["rows"].values() if (o["method"], o["task"], o["steps"]) == (m, t, r["steps"])
+                      and o["variant"].startswith("source-only") and "--target-val" not in o.get("flags", "")]
+                if so:
+                    o = max(so, key=lambda o: (is_current(o, store), len(o["seeds"])))
+                    txt += f", source only {mean_std(o['target_acc'])}"
+                    txt += "" if is_current(o, store) or "[code of" in o["variant"] else " [earlier code]"
+                    txt += " ([code of" + o["variant"].split("[code of", 1)[1].rstrip("]") + "])" if "[code of" in o["variant"] else ""
+                    txt += ": below its own baseline" if statistics.mean(r["target_acc"]) < statistics.mean(o["target_acc"]) else ""
+                parts.append(txt)
+        if parts:
+            out.append(f"- **{m}**: " + "; ".join(parts) + ".")
+    return out
+
+
+def replace_block(text, begin, end, lines):
+    """text with the lines between the markers begin and end replaced; None if it lacks them."""
+    if begin not in text or end not in text:
+        return None
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
+
+
 def write_readme(store, path):
-    """Rewrite the table between README_BEGIN and README_END of the README (from results.json); False if it has none."""
+    """Rewrite the table (between README_BEGIN and README_END) and the status list (between STATUS_BEGIN and
+    STATUS_END) of the README from results.json; False if it has no table."""
     path = Path(path)
     text = path.read_text() if path.exists() else ""
-    if README_BEGIN not in text or README_END not in text:
+    new = replace_block(text, README_BEGIN, README_END, readme_table(store))
+    if new is None:
         return False
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    path.write_text(head + README_BEGIN + "\n" + "\n".join(readme_table(store)) + "\n" + README_END + tail)
+    path.write_text(replace_block(new, STATUS_BEGIN, STATUS_END, status_lines(store)) or new)
     return True
 
 
@@ -845,7 +1118,8 @@ def notes_of(store, section):
 
 def picture_links(store, method, md_path, pictures):
     out = []
-    for m, t, _, r in headline(store):
+    for m, t, _, rows in headline(store):
+        r = rows[0] if rows else None  # tied rows: the pictures are the first one's
         for name, what in ((f"{m}_{t}.png", "training curves"), (f"{m}_{t}_grid.png", "image grid")):
             if m == method and r is not None and (Path(pictures) / name).exists():
                 rel = os.path.relpath(Path(pictures) / name, Path(md_path).parent)
@@ -859,6 +1133,33 @@ def picture_links(store, method, md_path, pictures):
     return out
 
 
+def rows_part(rows, store):
+    """One part of a method's section: the rows' table, their per-seed numbers (with the GAM protocol's target *train*
+    accuracy where a run reports it) and the curve, trade-off and selection tables."""
+    train = any(any(a is not None for a in r.get("extra", {}).get("target_train_acc") or []) for r in rows)
+    out = ["| task | variant | steps | seeds | target acc | " + ("target train acc | " if train else "") +
+           "source acc | paper | wall time / run | device | command |",
+           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if train else "")]
+    for r in rows:
+        paper = PAPER.get((r["method"], r["task"], r["variant"]))
+        note = (PAPER_NOTES.get((r["method"], r["task"], r["variant"])) or PAPER_NOTES.get((r["method"], r["task"]), "—")
+                if paper is None else f"{paper:.2f}")
+        tr = [a for a in r.get("extra", {}).get("target_train_acc") or [] if a is not None]
+        out.append(f"| {r['task']} | {shown(r)} | {r['steps']} | {len(r['seeds'])} | {mean_std(r['target_acc'])} | "
+                   + (f"{mean_std(tr) if len(tr) == len(r['seeds']) else '—'} | " if train else "") +
+                   f"{mean_std(r['source_acc'])} | {note} | {statistics.mean(r['seconds']) / 60:.1f} min | "
+                   f"{r['device']} | `{r['command']}` |")
+    out += ["", "Per-seed target accuracy:", ""]
+    for r in rows:
+        val = r.get("extra", {}).get("target_val_acc") or [None] * len(r["seeds"])  # --target-val: held-out target train
+        tr = r.get("extra", {}).get("target_train_acc") or [None] * len(r["seeds"])
+        per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
+                        + (f" (target train {t:.2f})" if t is not None else "")
+                        for s, a, v, t in zip(r["seeds"], r["target_acc"], val, tr))
+        out.append(f"- {r['task']} {shown(r)} ({r['steps']} steps): {per}")
+    return out + tradeoff_table(rows) + curve_table(rows) + selection_table(rows) + sweep_table(rows)
+
+
 def render(store, path, pictures=PICTURES):
     rows = sorted(store["rows"].values(), key=lambda r: (r["method"], r["task"], shown(r), r["steps"]))
     methods = list(METHODS) + sorted({r["method"] for r in rows} - set(METHODS))
@@ -868,33 +1169,32 @@ def render(store, path, pictures=PICTURES):
         "",
         "Written by `benchmark.py` from `results.json`; every row is a measured run on this repository's code.",
         "Accuracy of the **final** model (no checkpoint selection), % on the target *test* split and the source *test*",
-        "split, mean ± std over seeds. `paper` is the paper's own number for the same row (target accuracy).",
+        "split, mean ± std over seeds (± is the sample standard deviation, n − 1). `paper` is the paper's own number",
+        "for the same row (target accuracy). Each method's section shows first the rows at today's code (every seed ran",
+        "with the script's behaviour fingerprint of today, `python benchmark.py --fingerprint`; per-seed commit,",
+        "fingerprint, torch and device are in results.json's `provenance`), then earlier code and investigations.",
         "Sections: " + " · ".join(f"[{m}](#{m.replace('_', '')})" for m in present)
         + " · [protocol and hardware](#protocol-and-hardware)",
     ]
-    header = ["| task | variant | steps | seeds | target acc | source acc | paper | wall time / run | device | command |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in present:
-        mine = [r for r in rows if r["method"] == m]
+        mine = marked([r for r in rows if r["method"] == m], store)
+        now = [r for r in mine if is_current(r, store) and "--target-val" not in shlex.split(r.get("flags", ""))]
+        rest = [r for r in mine if r not in now]
         out += ["", f"## {m}", "", f"*{METHODS.get(m, m)}.*", ""]
         out += picture_links(store, m, path, pictures)
-        out += header
-        for r in mine:
-            paper = PAPER.get((r["method"], r["task"], r["variant"]))
-            note = (PAPER_NOTES.get((r["method"], r["task"], r["variant"])) or PAPER_NOTES.get((r["method"], r["task"]), "—")
-                    if paper is None else f"{paper:.2f}")
-            out.append(f"| {r['task']} | {shown(r)} | {r['steps']} | {len(r['seeds'])} | "
-                       f"{mean_std(r['target_acc'])} | {mean_std(r['source_acc'])} | {note} | "
-                       f"{statistics.mean(r['seconds']) / 60:.1f} min | {r['device']} | `{r['command']}` |")
-        out += ["", "Per-seed target accuracy:", ""]
-        for r in mine:
-            val = r.get("extra", {}).get("target_val_acc") or [None] * len(r["seeds"])  # --target-val: held-out target train
-            per = ", ".join(f"seed {s}: {a:.2f}" + (f" (target val {v:.1f})" if v is not None else "")
-                            for s, a, v in zip(r["seeds"], r["target_acc"], val))
-            out.append(f"- {r['task']} {shown(r)} ({r['steps']} steps): {per}")
-        out += tradeoff_table(mine) + curve_table(mine) + selection_table(mine) + sweep_table(mine)
+        out += [f"### Today's code ({m}.py fingerprint `{today(store, m)}`)", ""]
+        out += rows_part(now, store) if now else ["No row has run at today's code yet.", ""]
+        waiting = [r for _, _, _, hs in headline(store) for r in marked(hs, store) if r["method"] == m
+                   and not is_current(r, store)]
+        if waiting:
+            out += ["", "Waiting for a re-run (the README shows these marked):", ""] + [f"- {waits_for(r)}." for r in waiting]
+        out += ["", "### Earlier code and investigations", "",
+                "Rows that ran on code whose fingerprint is not today's ([earlier code], or a `[code of ...]` they name), "
+                "rows run with `--target-val` (settings chosen on labelled target images; never a headline), and the "
+                "investigations' notes.", ""]
+        out += rows_part(rest, store) if rest else []
         if notes_of(store, m):
-            out += ["", "### Notes", ""] + [f"- {note}" for note in notes_of(store, m)]
+            out += ["", "#### Notes", ""] + [f"- {note}" for note in notes_of(store, m)]
     out += ["", "## Protocol and hardware", "", f"Hardware: {store.get('hardware', '?')}.", ""]
     out += [f"- {note}" for note in notes_of(store, "general")] + ([""] if notes_of(store, "general") else [])
     if store.get("overhead"):
@@ -941,7 +1241,8 @@ def plots(store, out, pictures=PICTURES):
         ys = np.stack([np.interp(steps, [p[0] for p in s], [p[1] for p in s]) for s in series])
         return steps, ys.mean(0), ys.min(0), ys.max(0), len(series)
 
-    for m, t, paper, r in headline(store):
+    for m, t, paper, rows in headline(store):
+        r = rows[0] if rows else None
         curves = [c for c in (r or {}).get("extra", {}).get("curve") or [] if c and len(c) > 1]
         if not curves:
             continue
@@ -990,7 +1291,8 @@ def plots(store, out, pictures=PICTURES):
         fig.savefig(path, dpi=72)
         plt.close(fig)
         written.append(path)
-    for m, t, _, r in headline(store):
+    for m, t, _, rows in headline(store):
+        r = rows[0] if rows else None
         if m not in GRIDS or r is None:
             continue
         src = grid_source(r, out)
@@ -1110,6 +1412,21 @@ def main():
             print(f"wrote {f} ({f.stat().st_size // 1024} KB)", flush=True)
         publish(store, args)
         return
+    if args.fingerprint:
+        fps = {m: fingerprint(m) for m in FINGERPRINT_RUNS}
+        print(json.dumps(fps), flush=True)
+        if args.save:
+            import torch
+
+            store["fingerprints"], store["fingerprint_torch"] = fps, torch.__version__
+            save_store(store, args.results)
+            publish(store, args)
+        return
+    if args.backfill:
+        backfill(store)
+        save_store(store, args.results)
+        publish(store, args)
+        return
     if args.collect:  # the run folders are the source of truth: rows from whatever finished, on any machine
         done = collect(args.collect)
         add_rows(store, done)
@@ -1144,7 +1461,9 @@ def main():
     jobs = []
     for m, tasks, extra in rows:
         for t in tasks:
-            done = store["rows"].get(row_key(m, t, extra), {}).get("seeds", [])
+            row = store["rows"].get(row_key(m, t, extra), {})  # seeds held at the code as it is now
+            now = cached_fingerprint(m) if row else None
+            done = [s for s, pr in zip(row.get("seeds", []), row.get("provenance") or []) if (pr or {}).get("fingerprint") == now]
             jobs += [(m, t, s, extra) for s in args.seeds if args.rerun or s not in done]
             if not args.rerun and set(done) & set(args.seeds):
                 print(f"skipping seeds {sorted(set(done) & set(args.seeds))} of {m} {t} {' '.join(extra)}: in "
@@ -1174,31 +1493,60 @@ def main():
 
 def add_rows(store, done):
     """Store one row per (method, task, flags) from finished runs, done = [((method, task, seed, flags, threads),
-    summary or None)]; a stored row with the same flags and steps keeps its other seeds (a re-run seed is replaced)."""
+    summary or None)]; a stored row with the same flags, steps and fingerprint keeps its other seeds (a re-run seed is
+    replaced). A row pools only seeds of one fingerprint: stored seeds of other code (or another schedule) are set
+    aside in a row of their own, which the tables mark as earlier code."""
     groups = {}
     for (m, t, s, extra, threads), r in done:
         if r is not None:
-            groups.setdefault((m, t, tuple(extra), threads), []).append(r)
-    for (m, t, extra, threads), rs in groups.items():
+            groups.setdefault((m, t, tuple(extra), threads, seed_fingerprint(r)), []).append(r)
+            if seed_fingerprint(r) and not today(store, m):  # a new store: the code that ran is today's
+                store.setdefault("fingerprints", {})[m] = seed_fingerprint(r)
+    # today's code last, so that it is the group that keeps the row's own key
+    for (m, t, extra, threads, fp), rs in sorted(groups.items(), key=lambda g: g[0][4] == today(store, g[0][0])):
         extra = list(extra)
         rs.sort(key=lambda r: r["seed"])
         key = row_key(m, t, extra)
         old = store["rows"].get(key)
-        if old is not None and old["steps"] == rs[0]["steps"]:  # same flags, other seeds measured before: merge
+        if old is not None and (old["steps"] != rs[0]["steps"] or old.get("fingerprint") != fp):
+            store["rows"][aside_key(store, key, old)] = store["rows"].pop(key)
+        elif old is not None:  # same flags, schedule and code, other seeds measured before: merge
             rs = merge_seeds(old, rs)
-        seeds = " ".join(str(r["seed"]) for r in rs)
-        cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
-        cmd += f" --threads {threads}" if "--threads" not in extra else ""
-        cmd += "".join(" " + (e if "${s}" in e else shlex.quote(e)) for e in fill(extra, t, "${s}")) + "; done"
-        store["rows"][key] = {
-            "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": key.split("|", 2)[2],
-            "steps": rs[0]["steps"], "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],
-            "source_acc": [r["source_acc"] for r in rs], "seconds": [r["seconds"] for r in rs],
-            "device": rs[0]["device"], "command": cmd, "commands": [r["command"] for r in rs],
-            "extra": {k: [r.get(k) for r in rs] for k in EXTRA_KEYS},
-        }
+        store["rows"][key] = make_row(m, t, key, extra, threads, rs)
         print(f"{m} {t} {rs[0].get('variant', '')}: target {mean_std(store['rows'][key]['target_acc'])} "
               f"source {mean_std(store['rows'][key]['source_acc'])}", flush=True)
+
+
+def seed_fingerprint(r):
+    return (r.get("provenance") or {}).get("fingerprint")
+
+
+def aside_key(store, key, row):
+    """Where a row of earlier code (or of another schedule) goes when today's seeds take its key."""
+    base = f"{key}|@{row.get('fingerprint') or 'earlier'}" + ("" if row.get("fingerprint") else f"-{row['steps']}")
+    new, i = base, 2
+    while new in store["rows"]:
+        new, i = f"{base}-{i}", i + 1
+    return new
+
+
+def make_row(m, t, key, extra, threads, rs):
+    """A results row from per-seed results rs (sorted by seed): the pooled numbers, the exact command, and per seed
+    the provenance; `fingerprint` is the seeds' one fingerprint (None where unknown or mixed), `device` theirs."""
+    seeds = " ".join(str(r["seed"]) for r in rs)
+    cmd = f"for s in {seeds}; do python {m}.py --task {t} --seed $s"
+    cmd += f" --threads {threads}" if "--threads" not in extra else ""
+    cmd += "".join(" " + (e if "${s}" in e else shlex.quote(e)) for e in fill(extra, t, "${s}")) + "; done"
+    fps = {seed_fingerprint(r) for r in rs}
+    devices = sorted({r["device"] for r in rs})
+    return {
+        "method": m, "task": t, "variant": rs[0].get("variant", ""), "flags": key.split("|", 2)[2],
+        "steps": rs[0]["steps"], "seeds": [r["seed"] for r in rs], "target_acc": [r["target_acc"] for r in rs],
+        "source_acc": [r["source_acc"] for r in rs], "seconds": [r["seconds"] for r in rs],
+        "device": " + ".join(devices), "command": cmd, "commands": [r["command"] for r in rs],
+        "fingerprint": fps.pop() if len(fps) == 1 else None, "provenance": [r.get("provenance") for r in rs],
+        "extra": {k: [r.get(k) for r in rs] for k in EXTRA_KEYS},
+    }
 
 
 def collect(out):
@@ -1211,6 +1559,87 @@ def collect(out):
         if r is not None:
             done.append(((cell["method"], cell["task"], cell["seed"], cell["extra"], cell["threads"]), r))
     return done
+
+
+def run_started(run_dir):
+    """When a run started, from its folder's name (<method>__<task>__<seed>__YYYYMMDD-HHMMSS, UTC), or None."""
+    import datetime
+    import re
+
+    m = re.search(r"__(\d{8}-\d{6})", str(run_dir or ""))
+    if not m:
+        return None
+    return datetime.datetime.strptime(m.group(1), "%Y%m%d-%H%M%S").replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def fingerprint_at(method, commit, cache):
+    """The fingerprint of `method` as the code of `commit` behaves (its script and common.py, run with today's
+    FINGERPRINT_RUNS on today's fixture data); None where that code does not run them."""
+    import tempfile
+
+    if (method, commit) not in cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = subprocess.run(["git", "archive", commit, f"{method}.py", "common.py"], cwd=HERE,
+                                   capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=files, check=True)
+            try:
+                cache[method, commit] = fingerprint(method, code_dir=tmp)
+            except RuntimeError as e:
+                print(f"{method} at {commit}: {e}", flush=True)
+                cache[method, commit] = None
+        print(f"{method} at {commit}: {cache[method, commit]}", flush=True)
+    return cache[method, commit]
+
+
+def subset_row(row, idx):
+    """The row restricted to the seeds at positions idx (its pooled command names only those seeds)."""
+    import re
+
+    new = dict(row)
+    for k in ("seeds", "target_acc", "source_acc", "seconds", "commands", "provenance"):
+        new[k] = [row[k][i] for i in idx]
+    new["extra"] = {k: [v[i] for i in idx] for k, v in row.get("extra", {}).items()}
+    new["command"] = re.sub(r"^for s in [\d ]+;", f"for s in {' '.join(str(s) for s in new['seeds'])};", row["command"])
+    fps = {(p or {}).get("fingerprint") for p in new["provenance"]}
+    new["fingerprint"] = fps.pop() if len(fps) == 1 else None
+    return new
+
+
+def backfill(store):
+    """Provenance for stored seeds that ran before it was recorded: the commit that was HEAD when the seed's run
+    started (its run folder's time against `git log --first-parent`) and the fingerprint of that commit's code,
+    marked "backfilled" (uncommitted changes of that time are unknown: "dirty" is null). A seed without a run folder
+    gets commit and fingerprint null: earlier code until re-run. Rows whose seeds then differ in fingerprint are
+    split: each fingerprint its own row."""
+    log = sorted((int(t), h) for h, t in (line.split() for line in
+                                           (git("log", "--first-parent", "--format=%h %ct") or "").splitlines()))
+    cache = {}
+    for key in list(store["rows"]):
+        row = store["rows"][key]
+        n = len(row["seeds"])
+        prov = list(row.get("provenance") or [None] * n)
+        for i in range(n):
+            if prov[i] is not None:
+                continue
+            t = run_started((row.get("extra", {}).get("run_dir") or [None] * n)[i])
+            heads = [h for ct, h in log if ct <= t] if t is not None else []
+            cmd = shlex.split(row["commands"][i]) if row.get("commands") else []
+            threads = int(cmd[cmd.index("--threads") + 1]) if "--threads" in cmd else None
+            prov[i] = {"commit": heads[-1] if heads else None, "dirty": None,
+                       "fingerprint": fingerprint_at(row["method"], heads[-1], cache) if heads else None,
+                       "torch": None, "device": row["device"], "threads": threads, "backfilled": True}
+        row["provenance"] = prov
+        fps = [p["fingerprint"] for p in prov]
+        row["fingerprint"] = fps[0] if len(set(fps)) == 1 else None
+        if len(set(fps)) > 1:  # one row per fingerprint: today's (else the most seeds) keeps the key
+            groups = {}
+            for i, fp in enumerate(fps):
+                groups.setdefault(fp, []).append(i)
+            keep = today(store, row["method"]) if today(store, row["method"]) in groups else \
+                max(groups, key=lambda fp: len(groups[fp]))
+            for fp, idx in groups.items():
+                part = subset_row(row, idx)
+                store["rows"][key if fp == keep else aside_key(store, key, part)] = part
 
 
 def row_key(method, task, extra):

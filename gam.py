@@ -40,11 +40,11 @@ Deviations, each with its reason:
     or half), ours 90.77 / 98.10 / 97.96.
 
 Paper (Table 1, M->U / U->M / S->M): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2 / 97.2 / 72.0; GAM 95.7 +- 0.5 /
-98.0 +- 0.5 / 74.6 +- 1.1. Measured (RESULTS.md; final F^t, target test split), `python gam.py --task usps-mnist
---seed S --gan-schedule converged --source-ckpt FILE`, seeds 0-5 (GPU): 96.19 +- 3.11 (four seeds 97.8-98.1; seed 0
-reads most MNIST 7s as 9s and stalls at 90.3); `--gan-update alternating` on the same F^s files 96.34 +- 2.86: the
-two updates tie. M->U (`--task mnist-usps`), seeds 0-2: 93.90 +- 0.86, alternating 94.25 +- 0.78. On the CPU (earlier
-F^s files), alternating: 95.34 +- 4.26 over seeds 0-5, 96.81 +- 3.03 adding `--restart-emptied 2`, ADDA 91.84 +- 6.42.
+98.0 +- 0.5 / 74.6 +- 1.1. Ours (RESULTS.md; final F^t, target test split), `python gam.py --task usps-mnist --seed S
+--gan-schedule converged --source-ckpt FILE`, seeds 0-5 (GPU): 96.19 +- 3.11 (four seeds 97.8-98.1; seed 0 reads most
+7s as 9s, 90.3); `--gan-update alternating` 96.34 +- 2.86: a tie. M->U seeds 0-2: 93.90 +- 0.86, alternating
+94.25 +- 0.78. On the official protocol's target *train* split: 95.61 +- 3.35 / 95.93 +- 0.77. CPU, earlier F^s files:
+alternating 95.34 +- 4.26 (seeds 0-5), 96.81 +- 3.03 with `--restart-emptied 2`, ADDA 91.84 +- 6.42.
 """
 
 import argparse
