@@ -228,6 +228,68 @@ def test_dann_loss_is_eq_9_through_the_reversal_and_labelled_target_images_are_d
     assert torch.equal(ty[px[5:, 0]], py[5:])  # each added image with its own label
 
 
+LIFT_PRELUDE = "import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+LIFT_CALLS = {  # per script: its method's pure functions on random tensors, in a process with no common.py
+    "dann": """
+feat, cls, disc = nn.Linear(4, 3), nn.Linear(3, 2), domain_classifier(3, (8,))
+loss, *_ = dann_loss(feat, cls, disc, torch.randn(4, 4), torch.tensor([0, 1, 1, 0]), torch.zeros(4, dtype=torch.long),
+                     torch.randn(4, 4), adaptation_factor(0.5, 10))
+loss.backward()
+ok = torch.isfinite(loss) and feat.weight.grad is not None and learning_rate(0.5, 0.01, 10, 0.75) < 0.01
+""",
+    "gam": """
+f_t, ref = nn.Linear(6, 10), None
+ref = [p.detach() + 0.1 for p in f_t.parameters()]
+discs = nn.ModuleDict({"fc4": discriminator(10)})
+opt_d, opt_t = torch.optim.SGD(discs.parameters(), lr=0.1), torch.optim.SGD(f_t.parameters(), lr=0.1)
+x = torch.randn(8, 6)
+loss_d, loss_gan, drift = adversarial_step(f_t, discs, opt_d, opt_t, {"fc4": torch.randn(8, 10)}, {"fc4": f_t(x)},
+                                           {"fc4": 1.0}, ref, 1.0, True)
+mu, sd = channel_stats(torch.randn(5, 3, 4, 4))
+ok = bool(torch.isfinite(loss_d + loss_gan + drift)) and drift > 0 and mu.shape == (3,)
+""",
+    "calibrator": """
+g_c = Calibrator(channels=1, width=2, blocks=1).eval()  # (dropout scales the train-mode delta)
+x = torch.rand(4, 1, 16, 16) * 2 - 1
+y = g_c(x)
+w = torch.ones(4)
+loss = calibrator_loss(torch.randn(8, 4), torch.randn(8, 4), 4, w)
+patch = shuffled_patch(x, 2, 3, 5)
+ok = (y - x).abs().max() <= g_c.linf + 1e-6 and bool(torch.isfinite(loss)) and patch.shape == (4, 25)
+ok = ok and feature_discriminator(12)(torch.randn(2, 12)).shape == (2, 4) and len(group_labels(3, "cpu")) == 4
+""",
+    "i2i_adapt": """
+lam = dict(c=1.0, z=0.05, tr=0.02, id_x=0.1, id_y=0.1, cyc=0.1, trc=0.1)
+nets = build_networks(lam)
+xs, xt, ys = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1, torch.tensor([1, 7])
+critic = critic_loss(nets, xs, xt, 10.0)
+terms = generator_losses(nets, xs, ys, xt, lam)
+ok = bool(torch.isfinite(critic)) and set(terms) == set(lam) and all(bool(torch.isfinite(v)) for v in terms.values())
+""",
+    "pixelda": """
+g, d = Generator(in_ch=1, out_ch=1, size=32, blocks=1), Discriminator(in_ch=1)
+fake = g(torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 10) * 2 - 1)
+loss = discriminator_loss(d, torch.rand(2, 1, 32, 32), fake) + generator_gan_loss(d, fake)
+pm = masked_pmse(fake, fake + 0.3, torch.ones(2, 1, 32, 32))
+ok = fake.shape == (2, 1, 32, 32) and bool(torch.isfinite(loss)) and float(pm) < 1e-6
+""",
+}
+
+
+@pytest.mark.parametrize("script", list(LIFT_CALLS))
+def test_the_method_lifts_out_of_its_script_without_common(script, tmp_path):
+    """Copying a method means copying its "ALGO LOGIC" block: that block (up to `main`) runs with torch alone, in a
+    process where common.py cannot be imported, on random tensors."""
+    src = (HERE / f"{script}.py").read_text()
+    block = src.split("# ALGO LOGIC: the method's own pieces", 1)[1].split("\ndef main(", 1)[0]
+    prog = ("import sys\nsys.modules['common'] = None\n" + LIFT_PRELUDE + block + LIFT_CALLS[script] +
+            "\nassert ok\ntry:\n    import common\nexcept ImportError:\n    print('lifted')\n")
+    (tmp_path / "lift.py").write_text(prog)
+    res = subprocess.run([sys.executable, str(tmp_path / "lift.py")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "lifted", res.stderr[-2000:]
+
+
 def test_schedules_at_p_0_half_1():
     assert dann.adaptation_factor(0.0, 10) == 0.0
     assert math.isclose(dann.adaptation_factor(0.5, 10), 2 / (1 + math.exp(-5)) - 1)
