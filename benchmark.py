@@ -89,69 +89,102 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# The papers' own numbers (target test accuracy, %), keyed by (method, task, variant). None: not reported.
-# PAPER_NOTES explains a missing number, keyed by (method, task, variant) or (method, task).
-PAPER = {
-    ("dann", "mnist-mnistm", "dann"): 76.66, ("dann", "mnist-mnistm", "source-only"): 52.25,
-    ("dann", "mnist-mnistm", "oracle"): 95.96,
-    ("dann", "svhn-mnist", "dann"): 73.85, ("dann", "svhn-mnist", "source-only"): 54.90,
-    ("dann", "svhn-mnist", "oracle"): 99.42,
-    ("dann", "syndigits-svhn", "dann"): 91.09, ("dann", "syndigits-svhn", "source-only"): 86.74,
-    ("dann", "syndigits-svhn", "oracle"): 92.20,
-    # GAM, Table 1 (M->U, U->M, S->M)
-    ("gam", "mnist-usps", "source-only"): 77.8, ("gam", "usps-mnist", "source-only"): 70.7,
-    ("gam", "svhn-mnist", "source-only"): 60.3,
-    ("gam", "mnist-usps", "adda"): 90.2, ("gam", "usps-mnist", "adda"): 97.2, ("gam", "svhn-mnist", "adda"): 72.0,
-    ("gam", "mnist-usps", "adda+drift"): 90.5, ("gam", "usps-mnist", "adda+drift"): 97.4,
-    ("gam", "svhn-mnist", "adda+drift"): 73.5,
-    ("gam", "mnist-usps", "gam-no-drift"): 95.6, ("gam", "usps-mnist", "gam-no-drift"): 97.8,
-    ("gam", "svhn-mnist", "gam-no-drift"): 73.6,
-    ("gam", "mnist-usps", "gam"): 95.7, ("gam", "usps-mnist", "gam"): 98.0, ("gam", "svhn-mnist", "gam"): 74.6,
-    # Calibrator, Table 1, calibrator alone (no CycleGAN-stylised source). The paper calls F_s fixed; its numbers
-    # come from the official code, which runs F_s in train mode (our calibrator+source-bn-train).
-    ("calibrator", "mnist-usps", "calibrator"): 95.6, ("calibrator", "usps-mnist", "calibrator"): 97.1,
-    ("calibrator", "svhn-mnist", "calibrator"): 97.1,
-    ("calibrator", "mnist-usps", "calibrator+source-bn-train"): 95.6,
-    ("calibrator", "usps-mnist", "calibrator+source-bn-train"): 97.1,
-    ("calibrator", "svhn-mnist", "calibrator+source-bn-train"): 97.1,
-    # I2I Adapt, Table 2 (error % -> accuracy), M->U, U->M, S->M; best ablation = l_z + l_idY + l_trc
-    ("i2i_adapt", "mnist-usps", "full"): 98.5, ("i2i_adapt", "usps-mnist", "full"): 97.4,
-    ("i2i_adapt", "svhn-mnist", "full"): 89.6,
-    ("i2i_adapt", "mnist-usps", "c+z+id_y+trc"): 98.8, ("i2i_adapt", "usps-mnist", "c+z+id_y+trc"): 97.6,
-    ("i2i_adapt", "svhn-mnist", "c+z+id_y+trc"): 90.1,
-    ("i2i_adapt", "mnist-usps", "source-only"): 91.1, ("i2i_adapt", "usps-mnist", "source-only"): 67.0,
-    ("i2i_adapt", "svhn-mnist", "source-only"): 71.5,
-    # PixelDA (paper Tables 1-2), 500k steps
-    ("pixelda", "mnist-mnistm", "pixelda"): 98.2, ("pixelda", "mnist-mnistm", "source-only"): 63.6,
-    ("pixelda", "mnist-usps", "pixelda"): 95.9, ("pixelda", "mnist-usps", "source-only"): 78.9,
+# One registry of methods: everything benchmark.py knows of a method is its entry here (adding a method is adding
+# one). title: RESULTS.md's section line. paper: the paper's own numbers (target test accuracy, %) by (task, variant).
+# notes: why a row has no paper number, by (task, variant) or task. plan: the "paper" grid's (tasks, flags) rows, at the
+# paper's (or official code's) schedule, which is each script's default; stage-1 networks cached per task and seed.
+# speed: --speed's extra flags (a short stage 1; GAM's timer counts adaptation steps only). grid, grid_rows: the image
+# grid a run saves and what its rows show. headline: the README's rows, (task, the paper's variant, the labels that may
+# stand for the default flags: the default first, then the declared closest, whose label says what differs).
+SO_I2I = ["--lambda-z", "0", "--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-id-y", "0", "--lambda-cyc", "0",
+          "--lambda-trc", "0"]
+GAM_FULL = {"mnist-usps": 95.7, "usps-mnist": 98.0}
+REGISTRY = {
+    "dann": dict(
+        title="DANN: Ganin & Lempitsky, ICML 2015",
+        paper={("mnist-mnistm", "dann"): 76.66, ("mnist-mnistm", "source-only"): 52.25,
+               ("mnist-mnistm", "oracle"): 95.96, ("svhn-mnist", "dann"): 73.85, ("svhn-mnist", "source-only"): 54.90,
+               ("svhn-mnist", "oracle"): 99.42, ("syndigits-svhn", "dann"): 91.09,
+               ("syndigits-svhn", "source-only"): 86.74, ("syndigits-svhn", "oracle"): 92.20},
+        notes={"mnist-usps": "not in the paper (TLlib's DANN+LeNet: 91.7, selected on target test)",
+               "usps-mnist": "not in the paper (TLlib's DANN+LeNet: 95.2, selected on target test)",
+               "mnist-svhn": "the paper's failure case, no number"},
+        plan=[(["mnist-mnistm", "mnist-usps", "usps-mnist"], []), (["mnist-mnistm"], ["--lambda-max", "0"])],
+        headline=[("mnist-usps", "dann", ["dann"]), ("usps-mnist", "dann", ["dann"]),
+                  ("mnist-mnistm", "dann", ["dann"])]),
+    "gam": dict(  # Table 1 (M->U, U->M, S->M)
+        title="GAM: Huang, Huang & Krähenbühl, ECCV 2018",
+        paper={**{(t, v): x for v, xs in (("source-only", (77.8, 70.7, 60.3)), ("adda", (90.2, 97.2, 72.0)),
+                                           ("adda+drift", (90.5, 97.4, 73.5)), ("gam-no-drift", (95.6, 97.8, 73.6)),
+                                           ("gam", (95.7, 98.0, 74.6)))
+                  for t, x in zip(("mnist-usps", "usps-mnist", "svhn-mnist"), xs)}},
+        notes={**{(t, "gaussian"): "not in the paper's digit table" for t in GAM_FULL},
+               **{(t, v): n.format(GAM_FULL[t]) for t in GAM_FULL for v, n in (
+                   ("gam (relu3 0.01, fc4 1, joint GANs)", "not in the paper (GAM full: {})"),
+                   ("gam (joint GANs)", "not in the paper (GAM full, one GAN at a time: {})"),
+                   ("gam (equal-shares GANs)", "one GAN at a time, fixed join (GAM full: {})"),
+                   ("gam (fc4 1, relu3 0.1)", "logits' GAN first (GAM full, order not given: {})"),
+                   ("gam (F^s without dropout)", "F^s as the official TF LeNet (GAM full: {})"))},
+               ("usps-mnist", "gam (restart on an emptied class, at most 2)"):
+                   "not in the paper: label-free restarts (GAM full: 98.0)",
+               ("usps-mnist", "gam (paper recipe)"): "the paper's text: SGD 1e-4, 20k iterations, half drift (GAM full: 98.0)",
+               ("mnist-usps", "gam (fc4 1)"): "not in the paper: the logits' GAN only (GAM full: 95.7, ADDA: 90.2)",
+               ("usps-mnist", "gam (fc4 1)"): "not in the paper: the logits' GAN only (GAM full: 98.0, ADDA: 97.2)"},
+        plan=[(["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/gam_{task}_{seed}.pt"])],
+        speed=["--source-steps", "100", "--disc-pretrain", "0"],
+        headline=[(t, "gam", ["gam", "gam (alternating update) [earlier F^s files]"]) for t in ("mnist-usps", "usps-mnist")]),
+    "calibrator": dict(  # Table 1, calibrator alone (no CycleGAN-stylised source). The paper calls F_s fixed; its
+        # numbers come from the official code, which runs F_s in train mode (our calibrator+source-bn-train).
+        title="Calibrator: Ye et al., CVPR 2020",
+        paper={(t, v): x for t, x in (("mnist-usps", 95.6), ("usps-mnist", 97.1), ("svhn-mnist", 97.1))
+               for v in ("calibrator", "calibrator+source-bn-train")},
+        plan=[(["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/cal_{task}_{seed}_official.pt"]),
+              (["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/cal_{task}_{seed}_official.pt",
+                                              "--source-bn", "train"])],
+        speed=["--source-epochs", "0.2"],
+        grid="calibration.png",
+        grid_rows="source, G_c(source), its perturbation (amplified), target, G_c(target), its perturbation, "
+                  "|FFT| of target and of G_c(target)",
+        headline=[("mnist-usps", "calibrator", ["calibrator (stage 1: 5 epochs)", "calibrator (betas 0.5,0.999, wd 0, one "
+                                                "forward, torch init) (stage 1: 5 epochs)"]),
+                  ("usps-mnist", "calibrator", ["calibrator", "calibrator (betas 0.5,0.999, wd 0, one forward, torch init)"])]),
+    "i2i_adapt": dict(  # Table 2 (error % -> accuracy), M->U, U->M, S->M; best ablation = l_z + l_idY + l_trc
+        title="I2I Adapt: Murez et al., CVPR 2018",
+        paper={(t, v): x for v, xs in (("full", (98.5, 97.4, 89.6)), ("c+z+id_y+trc", (98.8, 97.6, 90.1)),
+                                       ("source-only", (91.1, 67.0, 71.5)))
+               for t, x in zip(("mnist-usps", "usps-mnist", "svhn-mnist"), xs)},
+        notes={**{(t, "source-only (no augmentation)"): f"not in the paper (source only with augmentation: {x})"
+                  for t, x in (("mnist-usps", 91.1), ("usps-mnist", 67.0))},
+               **{(t, f"{v} (batch-norm encoder)"): f"BatchNorm encoder (paper, {name}: {x})"
+                  for t, xs in (("mnist-usps", (98.5, 98.8, 91.1)), ("usps-mnist", (97.4, 97.6, 67.0)))
+                  for (v, name), x in zip((("full", "full"), ("c+z+id_y+trc", "best ablation"),
+                                           ("source-only", "source only")), xs)}},
+        plan=[(["mnist-usps", "usps-mnist"], []),
+              (["mnist-usps", "usps-mnist"], ["--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-cyc", "0"]),
+              (["mnist-usps", "usps-mnist"], SO_I2I)],
+        grid="translations.png",
+        grid_rows="source, source→target, source reconstruction, target, target→source, target reconstruction",
+        headline=[("mnist-usps", "full", ["full"]), ("usps-mnist", "full", ["full"])]),
+    "pixelda": dict(  # Tables 1-2, 500k steps
+        title="PixelDA: Bousmalis et al., CVPR 2017",
+        paper={("mnist-mnistm", "pixelda"): 98.2, ("mnist-mnistm", "source-only"): 63.6,
+               ("mnist-usps", "pixelda"): 95.9, ("mnist-usps", "source-only"): 78.9},
+        plan=[(["mnist-mnistm", "mnist-usps"], []),  # the official MNIST->MNIST-M weights on both tasks
+              (["mnist-mnistm", "mnist-usps"], ["--source-only"])],
+        grid="samples_final.png",
+        grid_rows="source, G(source, z) for three noise draws z, target images",
+        headline=[("mnist-usps", "pixelda", ["pixelda"]), ("mnist-mnistm", "pixelda", ["pixelda", "pixelda [code of 50f9e9c]"])]),
 }
-PAPER_NOTES = {
-    ("dann", "mnist-usps"): "not in the paper (TLlib's DANN+LeNet: 91.7, selected on target test)",
-    ("dann", "usps-mnist"): "not in the paper (TLlib's DANN+LeNet: 95.2, selected on target test)",
-    ("dann", "mnist-svhn"): "the paper's failure case, no number",
-    ("gam", "mnist-usps", "gaussian"): "not in the paper's digit table",
-    ("gam", "usps-mnist", "gaussian"): "not in the paper's digit table",
-    ("gam", "mnist-usps", "gam (relu3 0.01, fc4 1, joint GANs)"): "not in the paper (GAM full: 95.7)",
-    ("gam", "usps-mnist", "gam (relu3 0.01, fc4 1, joint GANs)"): "not in the paper (GAM full: 98.0)",
-    ("gam", "mnist-usps", "gam (joint GANs)"): "not in the paper (GAM full, one GAN at a time: 95.7)",
-    ("gam", "usps-mnist", "gam (joint GANs)"): "not in the paper (GAM full, one GAN at a time: 98.0)",
-    ("gam", "mnist-usps", "gam (equal-shares GANs)"): "one GAN at a time, fixed join (GAM full: 95.7)",
-    ("gam", "usps-mnist", "gam (equal-shares GANs)"): "one GAN at a time, fixed join (GAM full: 98.0)",
-    ("gam", "usps-mnist", "gam (restart on an emptied class, at most 2)"):
-        "not in the paper: label-free restarts (GAM full: 98.0)",
-    ("gam", "usps-mnist", "gam (paper recipe)"): "the paper's text: SGD 1e-4, 20k iterations, half drift (GAM full: 98.0)",
-    ("gam", "mnist-usps", "gam (fc4 1, relu3 0.1)"): "logits' GAN first (GAM full, order not given: 95.7)",
-    ("gam", "usps-mnist", "gam (fc4 1, relu3 0.1)"): "logits' GAN first (GAM full, order not given: 98.0)",
-    ("gam", "mnist-usps", "gam (fc4 1)"): "not in the paper: the logits' GAN only (GAM full: 95.7, ADDA: 90.2)",
-    ("gam", "usps-mnist", "gam (fc4 1)"): "not in the paper: the logits' GAN only (GAM full: 98.0, ADDA: 97.2)",
-    ("gam", "mnist-usps", "gam (F^s without dropout)"): "F^s as the official TF LeNet (GAM full: 95.7)",
-    ("gam", "usps-mnist", "gam (F^s without dropout)"): "F^s as the official TF LeNet (GAM full: 98.0)",
-    ("i2i_adapt", "mnist-usps", "source-only (no augmentation)"): "not in the paper (source only with augmentation: 91.1)",
-    ("i2i_adapt", "usps-mnist", "source-only (no augmentation)"): "not in the paper (source only with augmentation: 67.0)",
-    **{("i2i_adapt", task, f"{v} (batch-norm encoder)"): f"BatchNorm encoder (paper, {name}: {PAPER[('i2i_adapt', task, v)]})"
-       for task in ("mnist-usps", "usps-mnist") for v, name in (("full", "full"), ("c+z+id_y+trc", "best ablation"),
-                                                                ("source-only", "source only"))},
-}
+# The tables the code reads, derived from the registry.
+METHODS = {m: e["title"] for m, e in REGISTRY.items()}
+PAPER = {(m, t, v): x for m, e in REGISTRY.items() for (t, v), x in e["paper"].items()}
+PAPER_NOTES = {(m, *(k if isinstance(k, tuple) else (k,))): n for m, e in REGISTRY.items()
+               for k, n in e.get("notes", {}).items()}
+PLANS = {"paper": [(m, tasks, flags) for m, e in REGISTRY.items() for tasks, flags in e["plan"]]}
+SPEED_FLAGS = {m: e["speed"] for m, e in REGISTRY.items() if "speed" in e}
+GRIDS = {m: e["grid"] for m, e in REGISTRY.items() if "grid" in e}
+GRID_ROWS = {m: e["grid_rows"] for m, e in REGISTRY.items() if "grid_rows" in e}
+HEADLINE = [(m, t, v, labels) for m, e in REGISTRY.items() for t, v, labels in e["headline"]]
 
 
 def parse_args():
@@ -223,29 +256,6 @@ def parse_args():
     return args
 
 
-# Paper-length grids: (method, tasks, flags) rows, run for every seed. "paper": every row with a paper number that the
-# digit data here can check, at the paper's (or official code's) schedule, which is each script's default. Stage-1
-# networks are cached per task and seed and shared by a method's variants.
-SO_I2I = ["--lambda-z", "0", "--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-id-y", "0", "--lambda-cyc", "0",
-          "--lambda-trc", "0"]
-PLANS = {"paper": [
-    ("dann", ["mnist-mnistm", "mnist-usps", "usps-mnist"], []),
-    ("dann", ["mnist-mnistm"], ["--lambda-max", "0"]),
-    ("gam", ["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/gam_{task}_{seed}.pt"]),
-    ("calibrator", ["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/cal_{task}_{seed}_official.pt"]),
-    ("calibrator", ["mnist-usps", "usps-mnist"], ["--source-ckpt", "runs/ckpt/cal_{task}_{seed}_official.pt",
-                                                  "--source-bn", "train"]),
-    ("i2i_adapt", ["mnist-usps", "usps-mnist"], []),
-    ("i2i_adapt", ["mnist-usps", "usps-mnist"], ["--lambda-tr", "0", "--lambda-id-x", "0", "--lambda-cyc", "0"]),
-    ("i2i_adapt", ["mnist-usps", "usps-mnist"], SO_I2I),
-    ("pixelda", ["mnist-mnistm", "mnist-usps"], []),  # the official MNIST->MNIST-M weights on both tasks
-    ("pixelda", ["mnist-mnistm", "mnist-usps"], ["--source-only"]),
-]}
-
-
-# --speed: a short stage 1 where a script has one (only the training loop is timed: its own train_steps_per_sec, which
-# leaves out evaluation), and no discriminator-only iterations for GAM, whose timer counts adaptation steps only
-SPEED_FLAGS = {"gam": ["--source-steps", "100", "--disc-pretrain", "0"], "calibrator": ["--source-epochs", "0.2"]}
 # (the two routes to fewer launches per step: torch.compile's reduce-overhead, torch's CUDA graphs of each compiled
 # network's forward and backward, against --cuda-graph on, the whole step with the optimisers as one graph)
 SPEED_MODES = {"eager": [], "amp": ["--amp"], "compile": ["--compile"],
@@ -505,7 +515,17 @@ EXTRA_KEYS = ("source_val_err", "domain_err", "train_steps_per_sec", "epochs", "
               "source_model_alone_after_bn_drift", "cost", "curve", "target_val_acc", "target_train_acc", "gan_joins",
               "gan_restarts", "class_shares", "selection", "evals", "signals", "run_dir",
               "cpu_seconds")
-VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")  # common.VALIDATORS (not imported: no torch here)
+def common_constant(name):
+    """A literal constant of common.py, read without importing it (benchmark.py runs without torch)."""
+    import ast
+
+    for node in ast.parse((HERE / "common.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(name)
+
+
+VALIDATORS = common_constant("VALIDATORS")  # the label-free scores, defined once (common.py)
 
 
 def read_curve(run_dir):
@@ -978,33 +998,7 @@ def curve_table(rows, points=12):
             "| method | task | variant | seeds | curve |", "|---|---|---|---|---|"] + out
 
 
-METHODS = {"dann": "DANN: Ganin & Lempitsky, ICML 2015", "gam": "GAM: Huang, Huang & Krähenbühl, ECCV 2018",
-           "calibrator": "Calibrator: Ye et al., CVPR 2020", "i2i_adapt": "I2I Adapt: Murez et al., CVPR 2018",
-           "pixelda": "PixelDA: Bousmalis et al., CVPR 2017"}
 PICTURES = HERE / "pictures"
-GRIDS = {"calibrator": "calibration.png", "i2i_adapt": "translations.png", "pixelda": "samples_final.png"}
-GRID_ROWS = {"calibrator": "source, G_c(source), its perturbation (amplified), target, G_c(target), its perturbation, "
-                           "|FFT| of target and of G_c(target)",
-             "i2i_adapt": "source, source→target, source reconstruction, target, target→source, target reconstruction",
-             "pixelda": "source, G(source, z) for three noise draws z, target images"}
-
-# The README's table: per (method, task), the paper's variant and the labels of the stored rows that may stand for the
-# script's default flags: the default first, then the declared closest (its label says what differs: `[code of ...]`,
-# `[earlier F^s files]`, an earlier stage 2). A row run with --target-val never stands for one (its label differs).
-HEADLINE = [
-    ("dann", "mnist-usps", "dann", ["dann"]),
-    ("dann", "usps-mnist", "dann", ["dann"]),
-    ("dann", "mnist-mnistm", "dann", ["dann"]),
-    ("gam", "mnist-usps", "gam", ["gam", "gam (alternating update) [earlier F^s files]"]),
-    ("gam", "usps-mnist", "gam", ["gam", "gam (alternating update) [earlier F^s files]"]),
-    ("calibrator", "mnist-usps", "calibrator", ["calibrator (stage 1: 5 epochs)",
-                                                "calibrator (betas 0.5,0.999, wd 0, one forward, torch init) (stage 1: 5 epochs)"]),
-    ("calibrator", "usps-mnist", "calibrator", ["calibrator", "calibrator (betas 0.5,0.999, wd 0, one forward, torch init)"]),
-    ("i2i_adapt", "mnist-usps", "full", ["full"]),
-    ("i2i_adapt", "usps-mnist", "full", ["full"]),
-    ("pixelda", "mnist-usps", "pixelda", ["pixelda"]),
-    ("pixelda", "mnist-mnistm", "pixelda", ["pixelda", "pixelda [code of 50f9e9c]"]),
-]
 README_BEGIN = "<!-- results table: written by benchmark.py from results.json -->"
 README_END = "<!-- end of the results table -->"
 
@@ -1350,7 +1344,6 @@ def overhead(task, steps, threads, reps=3):
     the medians are compared."""
 
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(HERE))
     import common
@@ -1364,13 +1357,11 @@ def overhead(task, steps, threads, reps=3):
     disc = dann.domain_classifier(model.feature_dim, args.hidden)
     opt = torch.optim.SGD(list(model.parameters()) + list(disc.parameters()), lr=0.01, momentum=0.9)
     half = args.batch_size // 2
-    x = torch.rand(2 * half, model.in_channels, model.size, model.size) * 2 - 1
-    y, d = torch.randint(0, 10, (half,)), torch.cat([torch.zeros(half), torch.ones(half)]).long()
+    xs, xt = (torch.rand(half, model.in_channels, model.size, model.size) * 2 - 1 for _ in range(2))
+    y, d = torch.randint(0, 10, (half,)), torch.zeros(half, dtype=torch.long)
 
-    def bare_step():
-        f = model.features(x)
-        loss = (F.cross_entropy(model.classifier(f[:half]), y) +
-                F.cross_entropy(disc(dann.GradReverse.apply(f, 0.5)), d))
+    def bare_step():  # dann.py's own loss of eq. 9 (dann_loss), without the script around it
+        loss = dann.dann_loss(model.features, model.classifier, disc, xs, y, d, xt, 0.5)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
