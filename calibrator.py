@@ -248,6 +248,13 @@ def calibrator_loss(logits_feat, logits_pix, n, w):
             w[2] * F.cross_entropy(logits_pix[:n], g1) + w[3] * F.cross_entropy(logits_pix[n:], g1))
 
 
+def discriminator_loss(d_feat, d_pix, f_real, f_cal, p_real, p_cal, y):
+    """Eqs. 5-6: each discriminator's 4-way cross entropy over the groups, rows [G1; G2] real then [G3; G4] calibrated
+    (detached: this step does not train G_c); y: every row's group."""
+    return (F.cross_entropy(d_feat(torch.cat([f_real, f_cal.detach()])), y) +
+            F.cross_entropy(d_pix(torch.cat([p_real, p_cal.detach()])), y))
+
+
 def count_macs(model, x):
     """Multiply-accumulates per image of the conv, transposed-conv and linear layers in one forward pass of x."""
     total = [0]
@@ -290,43 +297,22 @@ def save_grid(g_c, xs, xt, path):
     save_image(torch.cat(rows).float().cpu(), path, nrow=len(xs), padding=1)
 
 
-def main(args):
-    t_start = time.time()
-    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
-    device = setup_torch(args)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    src, tgt = load_task(args, args.size, 3, device)
-    f_s = build_backbone(args.backbone, len(src.classes), args.image_size, args.pretrained)
-    steps_per_epoch = max(1, min(len(src.train_x), len(tgt.train_x)) // args.batch_size)
-    if args.steps is None:  # resolved from the dataset sizes; args.json records it
-        args.steps = max(1, round(args.epochs * steps_per_epoch))
-    source_steps = max(1, round(args.source_epochs * len(src.train_x) / args.batch_size))
-    ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
-    # stage 1's identity: a cached F_s is reused only by runs that would have trained the same one
-    stage1 = dict(source=src.name, seed=args.seed, source_steps=source_steps, source_lr=args.source_lr,
-                  source_wd=args.source_wd, batch_size=args.batch_size)
-    own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
-    loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
-    run_dir = make_run_dir(args, "calibrator")
-    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
-    write_args(run_dir, args, source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name,
-               target=tgt.name)
-    print(f"calibrator {args.task} | {src} -> {tgt} | {args.backbone} {count_params(f_s):,} params | {device} | "
-          f"run folder {run_dir}", flush=True)
-
-    # ---- stage 1: source classifier F_s ------------------------------------------------------------------------
-    f_s = f_s.to(device)
+def source_stage(args, f_s, src, tgt, g, loaded, stage1, source_steps, run_dir, ev):
+    """Stage 1: F_s trained on the source labels (unless loaded), saved, frozen; returns its accuracy alone."""
     if not loaded:
         train_source(f_s, src.train_x, src.train_y, steps=source_steps, batch_size=args.batch_size, lr=args.source_lr,
                      weight_decay=args.source_wd, generator=g, input_range="-1,1", log_every=args.log_every * 5,
                      amp=args.amp)
         save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
-    f_s.requires_grad_(False)  # frozen from here on: no parameter of F_s changes in stage 2
+    f_s.requires_grad_(False)
     alone = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
              "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
     print(f"F_s alone: target {alone['target_acc']:.2f} source {alone['source_acc']:.2f}", flush=True)
+    return alone
 
-    # ---- stage 2: the calibrator and the two discriminators ----------------------------------------------------
+
+def stage2_networks(args, f_s, num_classes, device):
+    """G_c, D_feat, D_pixel (official init but D_feat's), their Adams, and G_c's cost relative to F_s (Table 3)."""
     g_c = Calibrator(3, args.width, args.blocks, args.linf, args.perturb, args.calib_dropout).to(device)
     probe = torch.zeros(1, 3, args.size, args.size, device=device)
     cost = {"calibrator_params": count_params(g_c), "classifier_params": count_params(f_s),
@@ -336,25 +322,83 @@ def main(args):
     print(f"calibrator {cost['calibrator_params']:,} params ({100 * cost['param_ratio']:.1f}% of F_s), "
           f"{cost['calibrator_macs'] / 1e6:.2f}M MACs/image ({100 * cost['macs_ratio']:.1f}% of F_s's "
           f"{cost['classifier_macs'] / 1e6:.2f}M)", flush=True)
-    feat_dim = len(src.classes) if args.feat_input == "softmax" else f_s.feature_dim
-    d_feat = feature_discriminator(feat_dim).to(device)
+    d_feat = feature_discriminator(num_classes if args.feat_input == "softmax" else f_s.feature_dim).to(device)
     d_pix = pixel_discriminator(args.patch, 3, args.pixel_hidden).to(device)
-    if args.init == "official":  # D_feat keeps PyTorch's initialisation, as in the official code
+    if args.init == "official":
         g_c.apply(init_weights), d_pix.apply(init_weights)
     adam = dict(lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay,
                 capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
     opt_g = torch.optim.Adam(g_c.parameters(), **adam)
     opt_d = torch.optim.Adam(list(d_feat.parameters()) + list(d_pix.parameters()), **adam)
+    return g_c, d_feat, d_pix, opt_g, opt_d, cost
 
-    def feat(x):  # D_feat's input: F_s's softmax output (official) or M_s's features
+
+def feature_groups(args, f_s):
+    """D_feat's input: F_s's softmax (official) or M_s's features; F_s in train mode sees each group on its own."""
+    def feat(x):
         f = f_s.features(x)
         return F.softmax(f_s.classifier(f), 1) if args.feat_input == "softmax" else f
 
-    feat_c, g_fwd = maybe_compile(feat, args.compile), maybe_compile(g_c, args.compile)
+    feat_c = maybe_compile(feat, args.compile)
+    return lambda x: torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" \
+        else feat_c(x)
 
-    def feat_groups(x):  # F_s in train mode normalises each group with its own batch statistics, as the official
-        # code (one forward per group); in eval mode the groups do not interact and one forward is the same thing
-        return torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" else feat_c(x)
+
+def stage1_plan(args, src, tgt, f_s):
+    """Steps per epoch, stage 1's length and identity (a cache is reused only for the same F_s), and if F_s loaded."""
+    steps_per_epoch = max(1, min(len(src.train_x), len(tgt.train_x)) // args.batch_size)
+    if args.steps is None:  # resolved from the dataset sizes; args.json records it
+        args.steps = max(1, round(args.epochs * steps_per_epoch))
+    source_steps = max(1, round(args.source_epochs * len(src.train_x) / args.batch_size))
+    stage1 = dict(source=src.name, seed=args.seed, source_steps=source_steps, source_lr=args.source_lr,
+                  source_wd=args.source_wd, batch_size=args.batch_size)
+    own = Path(args.resume or "") / "source.pt"
+    loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
+    return steps_per_epoch, source_steps, stage1, loaded
+
+
+def save_outputs(args, g_c, f_s, src, tgt, run_dir, meter, final, ev):
+    """F_s alone after a BatchNorm drift (or None), the class shares; writes the final metrics, grid and model."""
+    drifted = None
+    if args.source_bn == "train":  # F_s's BatchNorm statistics moved: F_s alone is no longer what it was
+        drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
+                   "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
+    meter.write(step=args.steps, **final)
+    shares = predict_target(run_dir, nn.Sequential(g_c, f_s), src, tgt, **ev)  # label-free: each class's share
+    if args.grid_images:
+        k = args.grid_images
+        target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
+        save_grid(g_c, to_float(src.test_x[:k]), to_float(target_images[:k]), run_dir / "calibration.png")
+        meter.image("calibration", run_dir / "calibration.png", args.steps)
+    if not args.no_save_model:
+        atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)},
+                          run_dir / "model.pt")
+    return drifted, shares
+
+
+def main(args):
+    t_start = time.time()
+    # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
+    device = setup_torch(args)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    src, tgt = load_task(args, args.size, 3, device)
+    f_s = build_backbone(args.backbone, len(src.classes), args.image_size, args.pretrained)
+    steps_per_epoch, source_steps, stage1, loaded = stage1_plan(args, src, tgt, f_s)
+    ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
+    run_dir = make_run_dir(args, "calibrator")
+    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
+    write_args(run_dir, args, source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name,
+               target=tgt.name)
+    print(f"calibrator {args.task} | {src} -> {tgt} | {args.backbone} {count_params(f_s):,} params | {device} | "
+          f"run folder {run_dir}", flush=True)
+
+    # ---- stage 1: source classifier F_s, then frozen -----------------------------------------------------------
+    f_s = f_s.to(device)
+    alone = source_stage(args, f_s, src, tgt, g, loaded, stage1, source_steps, run_dir, ev)
+
+    # ---- stage 2: the calibrator and the two discriminators ----------------------------------------------------
+    g_c, d_feat, d_pix, opt_g, opt_d, cost = stage2_networks(args, f_s, len(src.classes), device)
+    feat_groups, g_fwd = feature_groups(args, f_s), maybe_compile(g_c, args.compile)
 
     def evaluate(final=False):  # F_s o G_c; during training a curve only, never used for selection
         rec = evaluate_domains(nn.Sequential(g_c, f_s), src, tgt, final, keep_best=best, **ev)
@@ -388,9 +432,7 @@ def main(args):
             p_real = shuffled_patch(x, top, left, args.patch, g)
             p_cal = shuffled_patch(cal, top, left, args.patch, g)
 
-            # discriminators (eqs. 5-6): 4-way cross entropy over G1..G4, calibrated images detached
-            loss_d = (F.cross_entropy(d_feat(torch.cat([f_real, f_cal.detach()])), y) +
-                      F.cross_entropy(d_pix(torch.cat([p_real, p_cal.detach()])), y))
+            loss_d = discriminator_loss(d_feat, d_pix, f_real, f_cal, p_real, p_cal, y)  # eqs. 5-6
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
@@ -421,20 +463,7 @@ def main(args):
 
     # ---- final calibrator's accuracy (no checkpoint selection) ---------------------------------------------------
     final = evaluate(final=True)
-    drifted = None
-    if args.source_bn == "train":  # F_s's BatchNorm statistics moved: F_s alone is no longer what it was
-        drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
-                   "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
-    meter.write(step=args.steps, **final)
-    shares = predict_target(run_dir, nn.Sequential(g_c, f_s), src, tgt, **ev)  # label-free: each class's share
-    if args.grid_images:
-        k = args.grid_images
-        target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
-        save_grid(g_c, to_float(src.test_x[:k]), to_float(target_images[:k]), run_dir / "calibration.png")
-        meter.image("calibration", run_dir / "calibration.png", args.steps)
-    if not args.no_save_model:
-        atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)},
-                          run_dir / "model.pt")
+    drifted, shares = save_outputs(args, g_c, f_s, src, tgt, run_dir, meter, final, ev)
     finish(run_dir, {
         "method": "calibrator", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "backbone": args.backbone, "pretrained": args.pretrained,
