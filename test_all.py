@@ -1375,6 +1375,32 @@ def test_calibrator_loss_pulls_both_calibrated_groups_toward_the_source_group():
         assert grad[4:].abs().sum() > 5 * grad[:4].abs().sum()  # target rows weigh 1.0, source rows 0.1
 
 
+def test_calibrator_discriminators_learn_each_group_and_never_train_the_calibrator():
+    """Eqs. 5-6: descending the discriminators' loss raises each row's own group logit (G1..G4 in order) in both
+    D_feat and D_pixel, and no gradient reaches the calibrated rows (this step does not train G_c). Wrong group
+    labels, a swapped real/calibrated order or an undetached G_c(x) fail here."""
+    torch.manual_seed(0)
+    d_feat, d_pix = nn.Linear(5, 4), nn.Linear(6, 4)
+    f_real, f_cal = torch.randn(4, 5), torch.randn(4, 5, requires_grad=True)
+    p_real, p_cal = torch.randn(4, 6), torch.randn(4, 6, requires_grad=True)
+    y = torch.cat(calibrator.group_labels(2, "cpu"))
+    assert y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    out = {}
+    for name, d, real, cal in (("feat", d_feat, f_real, f_cal), ("pix", d_pix, p_real, p_cal)):
+        out[name] = d(torch.cat([real, cal])).detach()
+    loss = calibrator.discriminator_loss(d_feat, d_pix, f_real, f_cal, p_real, p_cal, y)
+    want = sum(F.cross_entropy(out[k], y) for k in out)
+    assert loss.item() == pytest.approx(want.item())
+    loss.backward()
+    assert f_cal.grad is None and p_cal.grad is None  # G_c's side is detached
+    with torch.no_grad():
+        for p in (*d_feat.parameters(), *d_pix.parameters()):
+            p -= 0.5 * p.grad
+    for name, d, real, cal in (("feat", d_feat, f_real, f_cal), ("pix", d_pix, p_real, p_cal)):
+        new = F.log_softmax(d(torch.cat([real, cal])).detach(), 1).gather(1, y[:, None])
+        assert (new > F.log_softmax(out[name], 1).gather(1, y[:, None])).float().mean() >= 0.75, name
+
+
 def test_calibrator_macs_and_params_match_closed_forms():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1),
                         nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
