@@ -2485,7 +2485,10 @@ def test_every_mean_and_std_in_the_prose_is_a_stored_rows():
 
 
 def test_readme_and_docstrings_stay_short():
-    assert len((HERE / "README.md").read_text().split()) <= 1500
+    text = (HERE / "README.md").read_text()  # its prose; the table and status are rendered from results.json
+    for begin, end in ((benchmark.README_BEGIN, benchmark.README_END), (benchmark.STATUS_BEGIN, benchmark.STATUS_END)):
+        text = text.split(begin, 1)[0] + text.split(end, 1)[1]
+    assert len(text.split()) <= 1000 and len((HERE / "README.md").read_text().split()) <= 1700
     for script in SCRIPTS:
         doc = ast.get_docstring(ast.parse((HERE / f"{script}.py").read_text()), clean=False)
         assert len(doc.splitlines()) <= 60, script
