@@ -1622,6 +1622,32 @@ def test_i2i_adversarial_directions():
     assert scores()[1] > t1
 
 
+def test_i2i_every_term_is_its_equation():
+    """Each term of eq. 7 against its equation written out here (eval mode, so dropout draws nothing): Q_c on source
+    labels, Q_z and Q_tr as minus the critics' scores of target features and of translations into each critic's own
+    domain, Q_id and Q_cyc as L1 to the image they reconstruct, Q_trc on the translation's source label; and the
+    critics' loss as fake minus real (with no penalty). A term that flips its sign or its target fails here."""
+    torch.manual_seed(0)
+    lam = dict(c=1.0, z=1.0, tr=1.0, id_x=1.0, id_y=1.0, cyc=1.0, trc=1.0)
+    nets = i2i_adapt.build_networks(lam).eval()
+    xs, xt, ys = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 1, 32, 32) * 2 - 1, torch.tensor([3, 1, 4, 1])
+    got = i2i_adapt.generator_losses(nets, xs, ys, xt, lam)
+    with torch.no_grad():
+        enc, cls, dec, gx, gy = nets["enc"], nets["cls"], nets["dec"], nets["dec_x"], nets["dec_y"]
+        x2y, y2x = gy(dec(enc(xs))), gx(dec(enc(xt)))
+        want = {"c": F.cross_entropy(cls(enc(xs)), ys), "z": -nets["d_z"](enc(xt)).mean(),
+                "id_x": (gx(dec(enc(xs))) - xs).abs().mean(), "id_y": (gy(dec(enc(xt))) - xt).abs().mean(),
+                "tr": -nets["d_y"](x2y).mean() - nets["d_x"](y2x).mean(),
+                "cyc": (gx(dec(enc(x2y))) - xs).abs().mean() + (gy(dec(enc(y2x))) - xt).abs().mean(),
+                "trc": F.cross_entropy(cls(enc(x2y)), ys)}
+        critic = sum(d(fake).mean() - d(real).mean() for d, real, fake in
+                     ((nets["d_z"], enc(xs), enc(xt)), (nets["d_x"], xs, y2x), (nets["d_y"], xt, x2y)))
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5, abs=1e-6), k
+    assert i2i_adapt.critic_loss(nets, xs, xt, 0.0).item() == pytest.approx(critic.item(), rel=1e-5, abs=1e-6)
+
+
 def test_i2i_translation_classification_never_trains_the_translator():
     torch.manual_seed(0)
     lam = _only(c=1.0, trc=1.0)
