@@ -2470,6 +2470,34 @@ def test_a_row_pools_only_seeds_of_one_fingerprint():
     assert mixed["seeds"] == [1] and mixed["fingerprint"] == "b" and mixed["command"].startswith("for s in 1;")
 
 
+def test_backfill_names_the_commit_each_seed_ran_on_and_splits_rows_by_fingerprint(monkeypatch):
+    """A stored seed's commit is the last first-parent commit before its run folder's start time (UTC); its
+    fingerprint is that commit's; seeds of another fingerprint (or with no run folder) leave the row for one of their
+    own, and the row keeps today's."""
+    import datetime
+
+    utc = lambda *t: int(datetime.datetime(*t, tzinfo=datetime.timezone.utc).timestamp())  # noqa: E731
+    assert benchmark.run_started("runs/benchmark/dann__mnist-usps__0__20261204-010000") == utc(2026, 12, 4, 1)
+    assert benchmark.run_started(None) is None and benchmark.run_started("runs/x") is None
+    log = f"c1 {utc(2026, 12, 3, 22, 13)}\nc2 {utc(2026, 12, 4, 0)}\nc3 {utc(2026, 12, 4, 2)}"
+    monkeypatch.setattr(benchmark, "git", lambda *a: log)
+    monkeypatch.setattr(benchmark, "fingerprint_at", lambda m, c, cache: {"c1": "old", "c2": "new", "c3": "new"}[c])
+    row = _row(seeds=(0, 1, 2, 3))
+    row.pop("provenance"), row.pop("fingerprint")
+    row["commands"] = ["python dann.py --threads 1"] * 4
+    row["extra"] = {"run_dir": ["r/dann__t__0__20261204-010000", "r/dann__t__1__20261203-230000", None,
+                                "r/dann__t__3__20261204-030000"]}
+    store = {"fingerprints": {"dann": "new"}, "rows": {"dann|mnist-usps|": row}}
+    benchmark.backfill(store)
+    kept = store["rows"]["dann|mnist-usps|"]
+    assert kept["seeds"] == [0, 3] and kept["fingerprint"] == "new" and benchmark.is_current(kept, store)
+    assert [p["commit"] for p in kept["provenance"]] == ["c2", "c3"] and all(p["backfilled"] for p in kept["provenance"])
+    assert kept["provenance"][0]["threads"] == 1 and kept["command"].startswith("for s in 0 3;")
+    aside = {tuple(r["seeds"]): r for k, r in store["rows"].items() if k != "dann|mnist-usps|"}
+    assert aside[(1,)]["fingerprint"] == "old" and aside[(1,)]["provenance"][0]["commit"] == "c1"
+    assert aside[(2,)]["fingerprint"] is None and aside[(2,)]["provenance"][0]["commit"] is None
+
+
 def test_fingerprints_are_todays_and_move_with_behaviour(monkeypatch):
     """`benchmark.py --fingerprint` reproduces the fingerprints results.json holds: a change of any script's behaviour
     fails here until they are regenerated (`--fingerprint --save`) in the same commit."""
