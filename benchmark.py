@@ -327,7 +327,7 @@ def fill(flags, task, seed):
 # A fingerprint is the hash of a fixed, tiny, deterministic CPU run of a script (one thread, seed 0, fixture data in
 # the real file formats): its final accuracies and every tensor of the model files it writes. Code whose behaviour is
 # the same gives the same fingerprint (a refactor must leave it identical); a change meant to move results changes it
-# and is regenerated in the same commit (`python benchmark.py --fingerprint --write`). results.json keeps today's
+# and is regenerated in the same commit (`python benchmark.py --fingerprint --save`). results.json keeps today's
 # under "fingerprints"; a row whose seeds ran with another fingerprint is earlier code.
 FINGERPRINT_RUNS = {
     "dann": ["--task", "mnist-usps", "--steps", "24", "--batch-size", "16", "--eval-every", "12"],
@@ -417,14 +417,14 @@ def tensor_digest(obj, h):
                 tensor_digest(v, h)
 
 
-def fingerprint(method, code_dir=HERE, work=None):
+def fingerprint(method, code_dir=HERE):
     """The behaviour fingerprint of `method` as the scripts in code_dir behave (12 hex digits): the run of
     FINGERPRINT_RUNS on fixture data, hashed (final target and source accuracy, every tensor of its .pt files)."""
     import tempfile
 
     import torch
 
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_fixture_mnist(tmp / "data")
         write_fixture_usps(tmp / "data")
@@ -1054,10 +1054,10 @@ def status_lines(store):
     """The README's "where it stands", from the same rows as its table: per method, each task's number against the
     paper's, the source-only row of the same schedule where one is stored (so a method that ends below its own
     baseline says so), and the marks of earlier code."""
-    out = []
+    out, lines = [], headline(store)
     for m in METHODS:
         parts = []
-        for mm, t, paper, rows in headline(store):
+        for mm, t, paper, rows in lines:
             if mm != m:
                 continue
             if not rows:
@@ -1070,11 +1070,10 @@ def status_lines(store):
                     txt += f" (paper {paper:.1f}: {abs(gap):.1f} {'above' if gap >= 0 else 'below'})"
                 so = [o for o in store["rows"].values() if (o["method"], o["task"], o["steps"]) == (m, t, r["steps"])
                       and o["variant"].startswith("source-only") and "--target-val" not in o.get("flags", "")]
-                if so:
-                    o = max(so, key=lambda o: (is_current(o, store), len(o["seeds"])))
-                    txt += f", source only {mean_std(o['target_acc'])}"
-                    txt += "" if is_current(o, store) or "[code of" in o["variant"] else " [earlier code]"
-                    txt += " ([code of" + o["variant"].split("[code of", 1)[1].rstrip("]") + "])" if "[code of" in o["variant"] else ""
+                if so:  # its mark: [earlier code], or the [code of ...] its variant names
+                    (o,) = marked([max(so, key=lambda o: (is_current(o, store), len(o["seeds"])))], store)
+                    code = o["variant"][o["variant"].index("[code of"):] if "[code of" in o["variant"] else o.get("mark", "").strip()
+                    txt += f", source only {mean_std(o['target_acc'])} {code}".rstrip()
                     txt += ": below its own baseline" if statistics.mean(r["target_acc"]) < statistics.mean(o["target_acc"]) else ""
                 parts.append(txt)
         if parts:
@@ -1170,6 +1169,7 @@ def render(store, path, pictures=PICTURES):
         "Sections: " + " · ".join(f"[{m}](#{m.replace('_', '')})" for m in present)
         + " · [protocol and hardware](#protocol-and-hardware)",
     ]
+    heads = headline(store)
     for m in present:
         mine = marked([r for r in rows if r["method"] == m], store)
         now = [r for r in mine if is_current(r, store) and "--target-val" not in shlex.split(r.get("flags", ""))]
@@ -1178,7 +1178,7 @@ def render(store, path, pictures=PICTURES):
         out += picture_links(store, m, path, pictures)
         out += [f"### Today's code ({m}.py fingerprint `{today(store, m)}`)", ""]
         out += rows_part(now, store) if now else ["No row has run at today's code yet.", ""]
-        waiting = [r for _, _, _, hs in headline(store) for r in marked(hs, store) if r["method"] == m
+        waiting = [r for _, _, _, hs in heads for r in marked(hs, store) if r["method"] == m
                    and not is_current(r, store)]
         if waiting:
             out += ["", "Waiting for a re-run (the README shows these marked):", ""] + [f"- {waits_for(r)}." for r in waiting]
