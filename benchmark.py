@@ -250,6 +250,9 @@ def parse_args():
     g.add_argument("--no-wait", action="store_true",
                    help="submit, print the job ids and return; `--collect <out>` builds the rows later")
     args = p.parse_args(argv)
+    if args.save and not args.fingerprint:
+        print("error: --save goes with --fingerprint (it stores the fingerprints that run computes)", file=sys.stderr)
+        sys.exit(2)
     args.extra = extra
     if args.readme is None and Path(args.results).resolve() == (HERE / "results.json"):
         args.readme = str(HERE / "README.md")

@@ -2508,6 +2508,9 @@ def test_fingerprints_are_todays_and_move_with_behaviour(monkeypatch):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == store["fingerprints"]
+    alone = subprocess.run([sys.executable, "benchmark.py", "--save"], cwd=HERE, capture_output=True, text=True)
+    assert alone.returncode == 2 and alone.stderr.strip() == (
+        "error: --save goes with --fingerprint (it stores the fingerprints that run computes)")
     monkeypatch.setitem(benchmark.FINGERPRINT_RUNS, "dann", benchmark.FINGERPRINT_RUNS["dann"] + ["--lr", "0.02"])
     assert benchmark.fingerprint("dann") != store["fingerprints"]["dann"]  # another behaviour, another fingerprint
 
