@@ -52,43 +52,31 @@ Deviations, each a flag or stated here:
 
 Paper (Table 1, calibrator alone): M->U 95.6, U->M 97.1, S->M 97.1 (with CycleGAN-stylised source: 97.1 / 98.3 /
 97.5). Measured (RESULTS.md; final G_c, target test split): U->M at these defaults (CPU, seeds 0 / 1) 94.37 / 81.96
-(F_s alone 68.6 / 63.4; seed 1 empties class 7), where the stage 2 used until commit 50f9e9c (`--betas 0.5,0.999
---weight-decay 0 --reuse-forward --init torch`) gave 84.95 on seed 0's F_s. At 25 stage-2 epochs (seeds 0-2, one
-GPU's F_s files), this stage 2 against that one: U->M (`--source-epochs 30`) 74.17 +- 3.54 against 66.11 +- 5.27,
-83.17 against 80.06 with `--source-bn train`; M->U (`--source-epochs 5`) 77.36 +- 2.79 against 82.34 +- 7.30 (F_s
-alone 77.9), 89.82 against 89.67 with `--source-bn train`. On M->U it sometimes stays at F_s alone's level: on such
-a seed's F_s only `--init torch` of the four single changes lifts it (87.25 against 78.82), on another each does.
+(F_s alone 68.6 / 63.4; seed 1 empties class 7); M->U (`--source-epochs 5`, 25 stage-2 epochs, seeds 0-2) 85.14 +-
+6.85. On M->U it sometimes stays at F_s alone's level; RESULTS.md compares the stage 2 used until commit 50f9e9c.
 """
 
-import argparse
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save,
-                    autocast, backbone_input, build_backbone, check_args, count_params, evaluate_domains, finish,
-                    load_checkpoint, load_source, load_task, main_guard, make_run_dir, maybe_compile, parse,
-                    predict_target, save_checkpoint, save_source, setup_torch, to_float, train_source, write_args)
+from common import (Flags, IndexSampler, Run, UsageError, accuracy, backbone_input, build_backbone, evaluate_domains,
+                    load_source, load_task, to_float, train_source)
 
 # Official configs (configs/digits/*.yml); tasks without one use svhn-mnist's.
-TASK_DEFAULTS = {
-    "mnist-usps": dict(source_epochs=300, source_wd=5e-4, batch_size=128, epochs=200, lr=1e-4, weight_decay=5e-4,
-                       width=8, blocks=9, linf=0.4, patch=4),
-    "usps-mnist": dict(source_epochs=250, source_wd=5e-4, batch_size=128, epochs=50, lr=1e-4, weight_decay=5e-4,
-                       width=4, blocks=9, linf=0.9, patch=8),
-    "svhn-mnist": dict(source_epochs=100, source_wd=0.0, batch_size=512, epochs=100, lr=2e-4, weight_decay=0.0,
-                       width=8, blocks=8, linf=0.8, patch=8),
-}
+TASK_DEFAULTS = {task: dict(zip(("source_epochs", "source_wd", "batch_size", "epochs", "lr", "weight_decay", "width",
+                                  "blocks", "linf", "patch"), row)) for task, row in {
+    "mnist-usps": (300, 5e-4, 128, 200, 1e-4, 5e-4, 8, 9, 0.4, 4),
+    "usps-mnist": (250, 5e-4, 128, 50, 1e-4, 5e-4, 4, 9, 0.9, 8),
+    "svhn-mnist": (100, 0.0, 512, 100, 2e-4, 0.0, 8, 8, 0.8, 8)}.items()}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_args(p, task="mnist-usps", steps=None, steps_help="calibrator steps; overrides --epochs",
-                    log_every=100, eval_every=1000)
+    p = Flags(__doc__, task="mnist-usps", steps=None, steps_help="calibrator steps; overrides --epochs", log_every=100,
+              eval_every=1000)
     g = p.add_argument_group("stage 1: source classifier F_s")
     g.add_argument("--backbone", default="dtn", choices=["dtn", "resnet18", "resnet50"],
                    help="F_s: the digit DTN (32x32 RGB), or a ResNet for larger images of a folder task")
@@ -129,13 +117,12 @@ def parse_args(argv=None):
     g.add_argument("--source-bn", default="eval", choices=["eval", "train"],
                    help="F_s's mode in stage 2: eval (truly frozen) or train (official code: BN statistics drift)")
     g.add_argument("--grid-images", type=int, default=8, help="images per row of the PNG grid (0: no grid)")
-    args = parse(p, argv)
-    check_args(args, positive=("source_epochs", "source_lr", "epochs", "lr"),
-               at_least_one=("batch_size", "width", "pixel_hidden"),
-               non_negative=("source_wd", "weight_decay", "blocks", "grid_images", "w_feat_target", "w_feat_source", "w_pix_target",
-                             "w_pix_source"))
-    # derived defaults (the official per-task configs), resolved here so that args.json records the values used
-    for k, v in TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["svhn-mnist"]).items():
+    args = p.parse(argv, positive=("source_epochs", "source_lr", "epochs", "lr"),
+                   at_least_one=("batch_size", "width", "pixel_hidden"),
+                   non_negative=("source_wd", "weight_decay", "blocks", "grid_images", "w_feat_target",
+                                 "w_feat_source", "w_pix_target", "w_pix_source"))
+    official = TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["svhn-mnist"])
+    for k, v in official.items():  # derived defaults, resolved here so that args.json records the values used
         if getattr(args, k) is None:
             setattr(args, k, v)
     try:
@@ -156,11 +143,9 @@ def parse_args(argv=None):
         raise UsageError(f"--calib-dropout must be in [0, 1) (got {args.calib_dropout})")
     if args.source_bn == "train" and args.batch_size < 2:
         raise UsageError("--source-bn train needs --batch-size >= 2 (BatchNorm statistics)")
-    named = [f"betas {args.betas}"] if args.adam_betas != (0.9, 0.999) else []  # what differs from the official
-    named += [f"wd {args.weight_decay:g}"] if args.weight_decay != TASK_DEFAULTS.get(
-        args.task, TASK_DEFAULTS["svhn-mnist"])["weight_decay"] else []
-    named += ["one forward"] if args.reuse_forward else []
-    named += ["torch init"] if args.init == "torch" else []
+    named = [name for name, differs in ((f"betas {args.betas}", args.adam_betas != (0.9, 0.999)),  # from the official
+                                        (f"wd {args.weight_decay:g}", args.weight_decay != official["weight_decay"]),
+                                        ("one forward", args.reuse_forward), ("torch init", args.init == "torch")) if differs]
     args.variant = "calibrator" + ("" if args.source_bn == "eval" else "+source-bn-train") + \
         (f" ({', '.join(named)})" if named else "")
     return args
@@ -197,11 +182,8 @@ class Calibrator(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         t = self.up(h)
-        if self.perturb == "official":  # one-sided: the calibrator can only add intensity, at most L_inf
-            d = torch.clamp((t + 1) / 2, 0, self.linf)
-        else:
-            d = self.linf * t
-        return self.drop(d)
+        # official: one-sided, the calibrator can only add intensity, at most L_inf; symmetric: |delta| <= L_inf
+        return self.drop(torch.clamp((t + 1) / 2, 0, self.linf) if self.perturb == "official" else self.linf * t)
 
     def forward(self, x):
         return torch.clamp(x + self.delta(x), -1.0, 1.0)
@@ -297,13 +279,13 @@ def save_grid(g_c, xs, xt, path):
     save_image(torch.cat(rows).float().cpu(), path, nrow=len(xs), padding=1)
 
 
-def source_stage(args, f_s, src, tgt, g, loaded, stage1, source_steps, run_dir, ev):
+def source_stage(args, f_s, src, tgt, g, loaded, stage1, source_steps, run, ev):
     """Stage 1: F_s trained on the source labels (unless loaded), saved, frozen; returns its accuracy alone."""
     if not loaded:
         train_source(f_s, src.train_x, src.train_y, steps=source_steps, batch_size=args.batch_size, lr=args.source_lr,
                      weight_decay=args.source_wd, generator=g, input_range="-1,1", log_every=args.log_every * 5,
-                     amp=args.amp)
-        save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
+                     amp=args.amp, identity=stage1,
+                     paths=[None if args.no_save_model else run.dir / "source.pt", args.source_ckpt])
     f_s.requires_grad_(False)
     alone = {"target_acc": accuracy(f_s, tgt.test_x, tgt.test_y, **ev),
              "source_acc": accuracy(f_s, src.test_x, src.test_y, **ev)}
@@ -315,7 +297,8 @@ def stage2_networks(args, f_s, num_classes, device):
     """G_c, D_feat, D_pixel (official init but D_feat's), their Adams, and G_c's cost relative to F_s (Table 3)."""
     g_c = Calibrator(3, args.width, args.blocks, args.linf, args.perturb, args.calib_dropout).to(device)
     probe = torch.zeros(1, 3, args.size, args.size, device=device)
-    cost = {"calibrator_params": count_params(g_c), "classifier_params": count_params(f_s),
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    cost = {"calibrator_params": n(g_c), "classifier_params": n(f_s),
             "calibrator_macs": count_macs(g_c, probe), "classifier_macs": count_macs(f_s, probe)}
     cost["param_ratio"] = cost["calibrator_params"] / cost["classifier_params"]
     cost["macs_ratio"] = cost["calibrator_macs"] / cost["classifier_macs"]
@@ -333,13 +316,13 @@ def stage2_networks(args, f_s, num_classes, device):
     return g_c, d_feat, d_pix, opt_g, opt_d, cost
 
 
-def feature_groups(args, f_s):
+def feature_groups(args, f_s, run):
     """D_feat's input: F_s's softmax (official) or M_s's features; F_s in train mode sees each group on its own."""
     def feat(x):
         f = f_s.features(x)
         return F.softmax(f_s.classifier(f), 1) if args.feat_input == "softmax" else f
 
-    feat_c = maybe_compile(feat, args.compile)
+    feat_c = run.compile(feat)
     return lambda x: torch.cat([feat_c(part) for part in x.split(args.batch_size)]) if args.source_bn == "train" \
         else feat_c(x)
 
@@ -357,71 +340,61 @@ def stage1_plan(args, src, tgt, f_s):
     return steps_per_epoch, source_steps, stage1, loaded
 
 
-def save_outputs(args, g_c, f_s, src, tgt, run_dir, meter, final, ev):
+def save_outputs(args, g_c, f_s, src, tgt, run, final, ev):
     """F_s alone after a BatchNorm drift (or None), the class shares; writes the final metrics, grid and model."""
-    drifted = None
-    if args.source_bn == "train":  # F_s's BatchNorm statistics moved: F_s alone is no longer what it was
-        drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
-                   "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)}
-    meter.write(step=args.steps, **final)
-    shares = predict_target(run_dir, nn.Sequential(g_c, f_s), src, tgt, **ev)  # label-free: each class's share
+    # --source-bn train: F_s's BatchNorm statistics moved, so F_s alone is no longer what it was
+    drifted = {"target_acc": round(accuracy(f_s, tgt.test_x, tgt.test_y, **ev), 3),
+               "source_acc": round(accuracy(f_s, src.test_x, src.test_y, **ev), 3)} if args.source_bn == "train" else None
+    run.meter.write(step=args.steps, **final)
+    shares = run.predictions(nn.Sequential(g_c, f_s), src, tgt, **ev)  # label-free: each class's share
     if args.grid_images:
-        k = args.grid_images
-        target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
-        save_grid(g_c, to_float(src.test_x[:k]), to_float(target_images[:k]), run_dir / "calibration.png")
-        meter.image("calibration", run_dir / "calibration.png", args.steps)
-    if not args.no_save_model:
-        atomic_torch_save({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)},
-                          run_dir / "model.pt")
+        k, target_images = args.grid_images, tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task: no test
+        save_grid(g_c, to_float(src.test_x[:k]), to_float(target_images[:k]), run.dir / "calibration.png")
+        run.meter.image("calibration", run.dir / "calibration.png", args.steps)
+    run.save_model({"calibrator": g_c.state_dict(), "source_model": f_s.state_dict(), "args": vars(args)})
     return drifted, shares
 
 
 def main(args):
-    t_start = time.time()
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
-    device = setup_torch(args)
+    run = Run(args, "calibrator")
+    device = run.device
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, args.size, 3, device)
-    f_s = build_backbone(args.backbone, len(src.classes), args.image_size, args.pretrained)
+    f_s = build_backbone(args.backbone, len(src.classes), args.image_size, args.pretrained).to(device)
     steps_per_epoch, source_steps, stage1, loaded = stage1_plan(args, src, tgt, f_s)
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
-    run_dir = make_run_dir(args, "calibrator")
-    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
-    write_args(run_dir, args, source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name,
-               target=tgt.name)
-    print(f"calibrator {args.task} | {src} -> {tgt} | {args.backbone} {count_params(f_s):,} params | {device} | "
-          f"run folder {run_dir}", flush=True)
+    run.folder(source_steps=source_steps, steps_per_epoch=steps_per_epoch, source=src.name, target=tgt.name)
+    print(f"calibrator {args.task} | {src} -> {tgt} | {args.backbone} {sum(p.numel() for p in f_s.parameters()):,} "
+          f"params | {device} | run folder {run.dir}", flush=True)
 
     # ---- stage 1: source classifier F_s, then frozen -----------------------------------------------------------
-    f_s = f_s.to(device)
-    alone = source_stage(args, f_s, src, tgt, g, loaded, stage1, source_steps, run_dir, ev)
+    alone = source_stage(args, f_s, src, tgt, g, loaded, stage1, source_steps, run, ev)
 
     # ---- stage 2: the calibrator and the two discriminators ----------------------------------------------------
     g_c, d_feat, d_pix, opt_g, opt_d, cost = stage2_networks(args, f_s, len(src.classes), device)
-    feat_groups, g_fwd = feature_groups(args, f_s), maybe_compile(g_c, args.compile)
+    feat_groups, g_fwd = feature_groups(args, f_s, run), run.compile(g_c)
 
     def evaluate(final=False):  # F_s o G_c; during training a curve only, never used for selection
-        rec = evaluate_domains(nn.Sequential(g_c, f_s), src, tgt, final, keep_best=best, **ev)
+        model = nn.Sequential(g_c, f_s)
+        rec = run.keep_best(model, evaluate_domains(model, src, tgt, final, **ev))  # --keep-best: saved
         g_c.train(), f_s.train(args.source_bn == "train")  # accuracy() restored the Sequential's mode on both
         return rec
 
     w = args.w_feat_source, args.w_feat_target, args.w_pix_source, args.w_pix_target
-    s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
-    t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
-    labels = group_labels(args.batch_size, device)
-    y = torch.cat(labels)  # the group of every row of [G1; G2; G3; G4], the same each step
+    s_sampler, t_sampler = (IndexSampler(len(d.train_x), args.batch_size, device, g) for d in (src, tgt))
+    y = torch.cat(group_labels(args.batch_size, device))  # the group of every row of [G1; G2; G3; G4], each step
     rng = random.Random(args.seed)  # patch locations (host side: no device sync)
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
+    meter = run.start_meter()
     state = dict(g_c=g_c, d_feat=d_feat, d_pix=d_pix, f_s=f_s, opt_g=opt_g, opt_d=opt_d, s_sampler=s_sampler,
                  t_sampler=t_sampler, g=g, rng=rng, meter=meter)  # f_s: its BatchNorm statistics drift in train mode
-    g_c.train(), d_feat.train(), d_pix.train()
-    f_s.train(args.source_bn == "train")
+    g_c.train(), d_feat.train(), d_pix.train(), f_s.train(args.source_bn == "train")
 
     def train_step(s_idx, t_idx, top, left):
         """One update of the discriminators, then one of the calibrator; (top, left): this step's patch location."""
         xs, xt = to_float(src.train_x[s_idx]), to_float(tgt.train_x[t_idx])
         n, x = len(xs), torch.cat([xs, xt])  # G1, G2
-        with autocast(device, args.amp):
+        with run.autocast():
             grad = torch.enable_grad() if args.reuse_forward else torch.no_grad()  # a graph only if the calibrator's
             with grad:  # step below reuses this forward (the official step runs its own)
                 cal = g_fwd(x)  # G3 = G_c(X_s), G4 = G_c(X_t)
@@ -431,13 +404,12 @@ def main(args):
                 f_cal = feat_groups(cal)  # gradient flows through the frozen F_s into G_c
             p_real = shuffled_patch(x, top, left, args.patch, g)
             p_cal = shuffled_patch(cal, top, left, args.patch, g)
-
             loss_d = discriminator_loss(d_feat, d_pix, f_real, f_cal, p_real, p_cal, y)  # eqs. 5-6
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
 
-        with autocast(device, args.amp):  # calibrator (eq. 7): D_feat and D_pixel should call G3 and G4 "source"
+        with run.autocast():  # calibrator (eq. 7): D_feat and D_pixel should call G3 and G4 "source"
             if not args.reuse_forward:  # official: G_c and F_s run again (new dropout masks; in --source-bn train
                 cal = g_fwd(x)  # F_s's BatchNorm statistics move again) and D_pixel sees a new shuffle
                 f_cal = feat_groups(cal)
@@ -448,8 +420,8 @@ def main(args):
         opt_g.step()
         return dict(loss_d=loss_d, loss_g=loss_g, max_delta=(cal.detach() - x).abs().amax())
 
-    train_step = GraphedStep(train_step, args.cuda_graph, device, [g])  # --cuda-graph on: recorded once, then replayed
-    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
+    train_step = run.graphed(train_step, [g])  # --cuda-graph on: recorded once, then replayed
+    for step in range(run.resume(state) + 1, args.steps + 1):
         # ALGO LOGIC
         s_idx, t_idx = s_sampler.next(), t_sampler.next()
         # one random patch location per step, the same for all four groups
@@ -459,21 +431,20 @@ def main(args):
         # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
         meter.add(**stats)
         meter.step(step, evaluate)
-        save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
+        run.checkpoint(step, state)
 
     # ---- final calibrator's accuracy (no checkpoint selection) ---------------------------------------------------
     final = evaluate(final=True)
-    drifted, shares = save_outputs(args, g_c, f_s, src, tgt, run_dir, meter, final, ev)
-    finish(run_dir, {
+    drifted, shares = save_outputs(args, g_c, f_s, src, tgt, run, final, ev)
+    run.finish({
         "method": "calibrator", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "backbone": args.backbone, "pretrained": args.pretrained,
         "epochs": round(args.steps / steps_per_epoch, 2), "source_steps": 0 if loaded else source_steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
         "source_model_alone": {k: round(v, 3) for k, v in alone.items()},
         "source_model_alone_after_bn_drift": drifted, "class_shares": shares,
-        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()}}, meter, t_start, device,
-        final, (src, tgt))
+        "cost": {k: round(v, 5) if isinstance(v, float) else v for k, v in cost.items()}}, final, (src, tgt))
 
 
 if __name__ == "__main__":
-    main_guard(main, parse_args)
+    Run.main(main, parse_args)

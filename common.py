@@ -2,12 +2,15 @@ r"""Shared plumbing for the single-file UDA scripts: digit datasets, backbones, 
 
 Only things that are *not* a method live here. Read top to bottom:
 
-1. Datasets  - real on-disk formats (torchvision layouts, the original MNIST-M release), decoded once into
-               uint8 tensors [N, C, H, W] + int64 labels, resized/converted once for a task, cached on disk.
-2. Batching  - index samplers on the device, normalisation to [-1, 1], device-side random affine augmentation.
-3. Backbones - lenet, dtn, dann_mnist, dann_svhn: `features` and `classifier` kept apart, named activations.
-4. Run utils - the shared flags and their checks, seeding, device, evaluation, run folder, atomic writes, the
-               training-loop meter, resumable checkpoints, stage 1 of the two-stage methods, the final summary.
+1. Data       - real on-disk formats (torchvision layouts, the original MNIST-M release), decoded once into
+               uint8 tensors [N, C, H, W] + int64 labels, resized/converted once for a task, cached on disk; your own
+               image folders; index samplers on the device, normalisation, device-side random affine augmentation.
+2. Backbones  - lenet, dtn, dann_mnist, dann_svhn, ResNets: `features` and `classifier` kept apart.
+3. Evaluation - accuracy in big batches, the label-free validators, the class-share check: numbers, no files.
+4. Running    - the shared flags (Flags) and their checks, seeding and device, the run folder, the training-loop
+               meter, resumable checkpoints, stage 1 of the two-stage methods, the summary; `Run` holds them for a
+               script, which imports at most a dozen names from here.
+5. CUDA graphs - `--cuda-graph`: a recorded training step (GraphedStep).
 
 Data root: `--data-dir`, else the environment variable UDA_DATA_DIR, else ./data.
 Decoded tensors are cached in `--cache-dir`, else UDA_CACHE_DIR, else ~/.cache/uda-digits (never inside the
@@ -21,8 +24,7 @@ A first run
 
 `python dann.py --task mnist-usps` downloads MNIST and USPS into `./data` (about 15 MB), decodes
 them once into a cache, then trains for the paper-style 20,000 steps. Measured: 19 steps/s on the 2-core AMD EPYC
-of RESULTS.md's speed table (about 18 minutes; an earlier 2-core machine gave about 40, and a laptop with more cores
-is faster), and about 270 steps/s on one H200 GPU (about 75 seconds plus the start-up). While it trains, a line every 500 steps reads
+of RESULTS.md's speed table (about 18 minutes; a machine with more cores is faster). While it trains, a line every 500 steps reads
 `step 1500/20000 | loss_y 0.1203 loss_d 0.6112 dom_acc 0.7105 lam 0.3581 lr 0.006574 | 41.2 steps/s | ETA 7m28s` (losses illustrative): the label
 loss, the domain classifier's loss and accuracy (near 0.5 means the features fool it), the adaptation weight λ and
 the learning rate of the paper's schedules, the training speed (evaluation excluded) and the time left. The last line
@@ -216,6 +218,7 @@ is timed beside `--cuda-graph on`. Neither speed-up is measured yet (no GPU was 
 machine compares the recorded and the eager loop of every script.
 """
 
+import argparse
 import gzip
 import hashlib
 import importlib.util
@@ -274,10 +277,6 @@ MNISTM_SIZES = {"train": 59001, "test": 9001}
 
 class DataError(RuntimeError):
     """A dataset is missing, corrupt or cannot be fetched. The message says what to do."""
-
-
-class UsageError(ValueError):
-    """An impossible flag combination or an unknown name. The message says what to do."""
 
 
 def default_data_dir():
@@ -788,9 +787,7 @@ def load_task(args, size, channels, device):
     return src, tgt
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Batching on the device
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 1c. batching on the device -----------------------------------------------------------------------------------
 
 
 class IndexSampler:
@@ -854,7 +851,7 @@ def random_affine(x, max_translate=0.1, max_rotate_deg=10.0, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Backbones
+# 2. Backbones
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -998,11 +995,131 @@ def count_params(module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Run utilities
+# 3. Evaluation and label-free validators
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def logits(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
+    """The model's outputs (float32) for uint8 images, in big batches, in eval mode (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with autocast(x_uint8.device, amp):
+        for chunk in x_uint8.split(batch_size):
+            out.append(model(to_float(chunk, input_range)).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def predict(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
+    """Predicted labels for uint8 images (see logits)."""
+    return logits(model, x_uint8, batch_size, amp, input_range).argmax(1)
+
+
+def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
+    """Top-1 accuracy in percent (a Python float: one host sync); NaN for no images (a folder task without labels)."""
+    if len(y) == 0:
+        return float("nan")
+    return (predict(model, x_uint8, batch_size, amp, input_range) == y).float().mean().item() * 100.0
+
+
+# Label-free model selection: every score "higher is better", none reads a target label.
+VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")
+SELECTION_IMAGES = 2000  # target training images the scores are computed on (a fixed subset, the same every run)
+
+
+def validator_scores(target_logits, source_val_acc=float("nan"), tau=0.05):
+    """Label-free scores of a model from its outputs (as ranked by Musgrave, Belongie & Lim, arXiv 2208.07360).
+    source_val_acc: accuracy on held-out labelled source images (given). From the target logits (N x C), with
+    P = softmax and H the entropy: entropy = -mean_i H(p_i); im = H(mean_i p_i) - mean_i H(p_i) (information
+    maximisation: confident and class-balanced); bnm = ||P||_* / N (nuclear norm, Cui et al., CVPR 2020); snd = soft
+    neighbourhood density (Saito et al., ICCV 2021): rows of P L2-normalised, S = P P^T / tau with the diagonal
+    masked, row softmax, mean row entropy."""
+    p = F.softmax(target_logits.float(), 1)
+    ent = lambda q: -torch.special.xlogy(q, q).sum(-1)  # noqa: E731  (0 log 0 = 0)
+    h = ent(p).mean()
+    q = F.normalize(p, dim=1)
+    s = (q @ q.t() / tau).fill_diagonal_(float("-inf"))
+    return {"source_val_acc": float(source_val_acc), "entropy": float(-h), "im": float(ent(p.mean(0)) - h),
+            "bnm": float(torch.linalg.matrix_norm(p, "nuc") / len(p)), "snd": float(ent(F.softmax(s, 1)).mean())}
+
+
+def evaluate_domains(model, src, tgt, final=False, source_model=None, **ev):
+    """Target test and source test accuracy of `model` (and the --target-val accuracy): during training a curve
+    ('target_test_acc_curve', never used for selection), at the end the final model's ('target_test_acc').
+    `source_model`, if given, is the model the method applies to source images (PixelDA's private source tower).
+    Beside them the label-free validators (validator_scores) on SELECTION_IMAGES target *training* images, and
+    source_val_acc = the source test accuracy (held-out labelled source images). Returns numbers, writes nothing
+    (Run.keep_best saves the model a validator prefers)."""
+    rec = {"target_test_acc" if final else "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
+           "source_test_acc": accuracy(source_model or model, src.test_x, src.test_y, **ev)}
+    if tgt.val_x is not None:
+        rec["target_val_acc"] = accuracy(model, tgt.val_x, tgt.val_y, **ev)
+    if len(tgt.train_x) > 1:
+        pick = torch.randperm(len(tgt.train_x), generator=torch.Generator().manual_seed(0))[:SELECTION_IMAGES]
+        rec.update(validator_scores(logits(model, tgt.train_x[pick.to(tgt.train_x.device)], **ev),
+                                    rec["source_test_acc"]))
+    return rec
+
+
+def selection(run_dir):
+    """The summary's `selection` block, from metrics.jsonl's evaluations (every --eval-every and the final one):
+    for `final` and for each validator the step it picks (argmax of its score; NaN never picked, the earliest of
+    equal scores) and the target test accuracy there; `oracle` picks by that accuracy itself, which reads the
+    target test labels: for reference only."""
+    path = Path(run_dir) / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    recs = [dict(r, acc=r.get("target_test_acc", r.get("target_test_acc_curve"))) for r in recs
+            if "target_test_acc" in r or "target_test_acc_curve" in r]
+    if not recs:
+        return None
+    pick = lambda r, score=None: {"step": r["step"], "target_acc": r["acc"],  # noqa: E731
+                                  **({"score": round(r[score], 5)} if score else {})}
+    out = {"final": pick(recs[-1])}
+    for v in VALIDATORS:
+        cands = [r for r in recs if isinstance(r.get(v), (int, float)) and math.isfinite(r[v])]
+        out[v] = pick(max(cands, key=lambda r: r[v]), v) if cands else None
+    labelled = [r for r in recs if isinstance(r["acc"], (int, float))]
+    out["oracle"] = dict(pick(max(labelled, key=lambda r: r["acc"])), uses_target_test_labels=True) if labelled else None
+    return out
+
+
+@torch.inference_mode()
+def class_shares(model, src, tgt, batch_size=4096, amp=False, input_range="-1,1"):
+    """The model on the target training images, a check that needs no target label. Returns (shares, the predicted
+    class of each image, its confidence); shares, for the summary: the share of those images predicted as each class
+    beside each class's share of the source labels, and the classes whose predicted share is under a third of their
+    source share. Adversarial alignment can map all of one class's target images onto another class (GAM U->M: a
+    run that reads most MNIST 7s as 9s gives 7 1.6 % of the predictions against 8.8 % of the USPS labels). A hint,
+    not a verdict: the target's own class balance can differ (0 is 16.4 % of USPS, 9.9 % of MNIST). Writes nothing
+    (Run.predictions reports it)."""
+    was_training = model.training
+    model.eval()
+    probs = []
+    with autocast(tgt.train_x.device, amp):
+        for chunk in tgt.train_x.split(batch_size):
+            probs.append(F.softmax(model(to_float(chunk, input_range)).float(), 1))
+    model.train(was_training)
+    conf, pred = torch.cat(probs).max(1)
+    k = len(src.classes)
+    pred_share = (torch.bincount(pred, minlength=k).double() / max(1, len(pred)) * 100).tolist()
+    source_share = (torch.bincount(src.train_y, minlength=k).double() / max(1, len(src.train_y)) * 100).tolist()
+    emptied = [c for c, p, s in zip(src.classes, pred_share, source_share) if p < s / 3]
+    return ({"target_pred_share": [round(v, 2) for v in pred_share],
+             "source_label_share": [round(v, 2) for v in source_share], "emptied_classes": emptied}, pred, conf)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Running: flags, seeding and device, run folder and logging, checkpoints, stage 1, the end of a run
 # ----------------------------------------------------------------------------------------------------------------
 
 
 # ---- 4a. the flags every script shares (one definition: names, help texts and defaults cannot drift) --------------
+
+
+class UsageError(ValueError):
+    """An impossible flag combination or an unknown name. The message says what to do."""
 
 
 def add_shared_args(p, *, task, steps, steps_help, log_every, eval_every, input_range=None):
@@ -1099,6 +1216,21 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+class Flags(argparse.ArgumentParser):
+    """A script's command line: the `run` and `data` flags every script shares (add_shared_args, with the script's
+    defaults), then the script's own groups (`add_argument_group`); `parse` reads them (parse) and checks the ranges
+    (check_args)."""
+
+    def __init__(self, doc, **defaults):
+        super().__init__(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.data = add_shared_args(self, **defaults)  # the data group, for a script's own data flags
+
+    def parse(self, argv=None, **ranges):
+        args = parse(self, argv)
+        check_args(args, **ranges)
+        return args
+
+
 def check_args(args, positive=(), at_least_one=(), non_negative=()):
     """UsageError for the first flag out of its range. The shared flags are always checked; a script names its own
     (attribute names). None (an unresolved 'task default') is skipped. Runs before any data is read or folder made."""
@@ -1129,7 +1261,7 @@ def check_args(args, positive=(), at_least_one=(), non_negative=()):
         raise UsageError(f"--out {args.out}: that folder cannot be written here; pass --out to a writable folder")
 
 
-# ---- 4b. seeding, device, evaluation ----------------------------------------------------------------------------
+# ---- 4b. seeding, device, autocast, --compile ---------------------------------------------------------------------
 
 
 def seed_everything(seed, deterministic=False):
@@ -1207,266 +1339,6 @@ def maybe_compile(fn, mode):
         fn.compile(**kwargs)
         return fn
     return torch.compile(fn, **kwargs)
-
-
-# ---- 4b'. --cuda-graph: a recorded training step, one launch instead of hundreds ----------------------------------
-
-GRAPH_MODES = ("off", "on", "check")
-# ops that make the host wait for the device, or whose output shape depends on the data: a graph cannot record them
-_GRAPH_UNSAFE = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
-                 "aten::masked_select", "aten::_unique", "aten::unique", "aten::repeat_interleave")
-
-
-class GraphUnsafe(RuntimeError):
-    """A step does something a recorded CUDA graph would not repeat faithfully (raised by --cuda-graph check)."""
-
-
-class GraphedStep:
-    """One training step `fn(*inputs) -> dict of tensors`: run as written (--cuda-graph off), or recorded once as a CUDA
-    graph and replayed (on). The digit networks are so small that an eager step is bound by its hundreds of kernel
-    launches, not by the GPU; a replay is one launch. `check` runs the recorded path's bookkeeping on any device (the
-    same fixed buffers, no graph) and raises GraphUnsafe where a recording would go wrong; the tests run it on the CPU.
-
-    What a recorded step may do, and how the scripts keep to it:
-      * inputs: tensors (batch indices, images) are copied into fixed buffers and numbers (a schedule's value, a patch
-        position) put into 0-d device tensors before each call: a graph reads fixed addresses and bakes a Python
-        number in. A step whose structure changes now and then (GAM's number of GANs, PixelDA's staircase learning
-        rate) passes `key=`: a new key records a new graph;
-      * no host sync (`.item()`, `float(t)`, a data-dependent shape) and no Python branch on a changing value inside;
-      * random draws use the default generator or one passed in `generators` (registered with the graph);
-      * the optimisers step inside the graph: Adam(capturable=True), SGD fused with a tensor learning rate where the
-        rate changes; `zero_grad(set_to_none=True)` before each backward;
-      * the returned tensors are overwritten by the next replay (Meter.add copies them).
-    The first `warmup` calls of a key run eagerly on a side stream (optimiser state, cuDNN's choices), the next one
-    records the graph and replays it: every call is one real training step. `reset()` after the optimisers' state was
-    replaced (a loaded state dict holds new tensors that a recorded graph would not see)."""
-
-    def __init__(self, fn, mode, device, generators=(), warmup=3):
-        self.fn, self.mode, self.device, self.generators, self.warmup = fn, mode, device, tuple(generators), warmup
-        self.key, self.side = None, torch.cuda.Stream() if mode == "on" else None
-        self.reset()
-
-    def reset(self):
-        self.calls, self.graph, self.static, self.out, self.trace = 0, None, None, None, None
-
-    def __call__(self, *inputs, key=None):
-        if self.mode == "off":
-            return self.fn(*inputs)
-        if key != self.key or self.static is None:
-            self.reset()  # a new structure: warm up and record again (the old graph's memory is freed)
-            self.key = key
-            self.static = [x.clone() if torch.is_tensor(x) else torch.tensor(x, device=self.device) for x in inputs]
-        if len(inputs) != len(self.static):
-            raise GraphUnsafe(f"a recorded step takes {len(self.static)} inputs, got {len(inputs)}")
-        for buf, x in zip(self.static, inputs):
-            if torch.is_tensor(x) and x.shape != buf.shape:
-                raise GraphUnsafe(f"a recorded step's input changed shape ({tuple(buf.shape)} -> {tuple(x.shape)})")
-            buf.copy_(x) if torch.is_tensor(x) else buf.fill_(x)
-        self.calls += 1
-        if self.mode == "check":
-            return self._checked()
-        if self.calls <= self.warmup:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side), warnings.catch_warnings():  # (capturable Adam warns when not recorded)
-                warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                out = self.fn(*self.static)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            for g in self.generators:
-                self.graph.register_generator_state(g)
-            # recorded on the warm-up's stream; records the kernels without running them: the replay below runs them
-            with torch.cuda.graph(self.graph, stream=self.side):
-                self.out = self.fn(*self.static)
-            print(f"--cuda-graph: {self.fn.__name__} recorded after {self.warmup} eager calls"
-                  + (f" (key {self.key})" if self.key is not None else ""), flush=True)
-        self.graph.replay()
-        return self.out
-
-    def _checked(self):
-        """fn under a dispatch mode that records each op with its non-tensor arguments and the addresses of the
-        tensors it reads that were not made inside the step. A sync raises at once; a record that differs from the
-        first call's means a Python value or a tensor made outside has changed, which a replay would not see. The
-        optimisers' own steps are not traced: torch documents capturable=True / fused=True as safe to record."""
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        class Trace(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.ops, self.made, self.paused = [], set(), 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if self.paused or func.namespace == "profiler":  # (the optimisers' record_function marks)
-                    return out
-                name = func._schema.name
-                indices = args[1] if name == "aten::index" and len(args) > 1 else ()
-                if name in _GRAPH_UNSAFE or any(t is not None and t.dtype == torch.bool for t in indices):
-                    raise GraphUnsafe(f"{func} in the step: a host sync or a data-dependent shape, which a CUDA graph "
-                                      "cannot record (keep .item(), float(t) and boolean masks out of the step)")
-                outside, values = [], []
-                for a in tree_leaves((args, kwargs)):
-                    if torch.is_tensor(a):
-                        if a.untyped_storage().data_ptr() not in self.made:
-                            outside.append(a.untyped_storage().data_ptr())
-                    else:  # (a generator is re-wrapped on each call: its device names it)
-                        values.append(f"generator on {a.device}" if isinstance(a, torch.Generator) else repr(a))
-                self.made.update(o.untyped_storage().data_ptr() for o in tree_leaves(out) if torch.is_tensor(o))
-                self.ops.append((str(func), tuple(outside), tuple(values)))
-                return out
-
-        trace = Trace()
-        pause = lambda *_: setattr(trace, "paused", trace.paused + 1)  # noqa: E731
-        resume = lambda *_: setattr(trace, "paused", trace.paused - 1)  # noqa: E731
-        hooks = (register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume))
-        try:
-            with trace:
-                out = self.fn(*self.static)
-        finally:
-            for h in hooks:
-                h.remove()
-        if self.trace is None:
-            self.trace = trace.ops
-        elif trace.ops != self.trace:
-            i = next((i for i, (a, b) in enumerate(zip(trace.ops, self.trace)) if a != b),
-                     min(len(trace.ops), len(self.trace)))
-            now, then = (ops[i] if i < len(ops) else "(none)" for ops in (trace.ops, self.trace))
-            raise GraphUnsafe(f"the step's op {i} differs from the recorded one: {now} vs {then}. A Python value or a "
-                              "tensor made outside the step changed between steps; a replay would repeat the old one "
-                              "(pass it as an input, or as key= if it changes the step's structure)")
-        return out
-
-
-@torch.inference_mode()
-def logits(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
-    """The model's outputs (float32) for uint8 images, in big batches, in eval mode (its mode is restored)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    with autocast(x_uint8.device, amp):
-        for chunk in x_uint8.split(batch_size):
-            out.append(model(to_float(chunk, input_range)).float())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def predict(model, x_uint8, batch_size=4096, amp=False, input_range="-1,1"):
-    """Predicted labels for uint8 images (see logits)."""
-    return logits(model, x_uint8, batch_size, amp, input_range).argmax(1)
-
-
-def accuracy(model, x_uint8, y, batch_size=4096, amp=False, input_range="-1,1"):
-    """Top-1 accuracy in percent (a Python float: one host sync); NaN for no images (a folder task without labels)."""
-    if len(y) == 0:
-        return float("nan")
-    return (predict(model, x_uint8, batch_size, amp, input_range) == y).float().mean().item() * 100.0
-
-
-# Label-free model selection: every score "higher is better", none reads a target label.
-VALIDATORS = ("source_val_acc", "entropy", "im", "bnm", "snd")
-SELECTION_IMAGES = 2000  # target training images the scores are computed on (a fixed subset, the same every run)
-
-
-def validator_scores(target_logits, source_val_acc=float("nan"), tau=0.05):
-    """Label-free scores of a model from its outputs (as ranked by Musgrave, Belongie & Lim, arXiv 2208.07360).
-    source_val_acc: accuracy on held-out labelled source images (given). From the target logits (N x C), with
-    P = softmax and H the entropy: entropy = -mean_i H(p_i); im = H(mean_i p_i) - mean_i H(p_i) (information
-    maximisation: confident and class-balanced); bnm = ||P||_* / N (nuclear norm, Cui et al., CVPR 2020); snd = soft
-    neighbourhood density (Saito et al., ICCV 2021): rows of P L2-normalised, S = P P^T / tau with the diagonal
-    masked, row softmax, mean row entropy."""
-    p = F.softmax(target_logits.float(), 1)
-    ent = lambda q: -torch.special.xlogy(q, q).sum(-1)  # noqa: E731  (0 log 0 = 0)
-    h = ent(p).mean()
-    q = F.normalize(p, dim=1)
-    s = (q @ q.t() / tau).fill_diagonal_(float("-inf"))
-    return {"source_val_acc": float(source_val_acc), "entropy": float(-h), "im": float(ent(p.mean(0)) - h),
-            "bnm": float(torch.linalg.matrix_norm(p, "nuc") / len(p)), "snd": float(ent(F.softmax(s, 1)).mean())}
-
-
-def evaluate_domains(model, src, tgt, final=False, source_model=None, keep_best=None, **ev):
-    """Target test and source test accuracy of `model` (and the --target-val accuracy): during training a curve
-    ('target_test_acc_curve', never used for selection), at the end the final model's ('target_test_acc').
-    `source_model`, if given, is the model the method applies to source images (PixelDA's private source tower).
-    Beside them the label-free validators (validator_scores) on SELECTION_IMAGES target *training* images, and
-    source_val_acc = the source test accuracy (held-out labelled source images). keep_best = (validator, path):
-    the model's state_dict is saved to path (model_best.pt) whenever that validator's score beats the best so far
-    (kept beside it in path.json, so a resumed run continues the comparison)."""
-    rec = {"target_test_acc" if final else "target_test_acc_curve": accuracy(model, tgt.test_x, tgt.test_y, **ev),
-           "source_test_acc": accuracy(source_model or model, src.test_x, src.test_y, **ev)}
-    if tgt.val_x is not None:
-        rec["target_val_acc"] = accuracy(model, tgt.val_x, tgt.val_y, **ev)
-    if len(tgt.train_x) > 1:
-        pick = torch.randperm(len(tgt.train_x), generator=torch.Generator().manual_seed(0))[:SELECTION_IMAGES]
-        rec.update(validator_scores(logits(model, tgt.train_x[pick.to(tgt.train_x.device)], **ev),
-                                    rec["source_test_acc"]))
-    if keep_best and keep_best[0] and math.isfinite(rec.get(keep_best[0], float("nan"))):
-        name, path = keep_best[0], Path(keep_best[1])
-        best = path.with_suffix(".json")
-        if not best.exists() or rec[name] > json.loads(best.read_text())["score"]:
-            atomic_torch_save({"model": model.state_dict(), "validator": name, "score": rec[name]}, path)
-            atomic_write_json(_no_nan({"validator": name, "score": rec[name], **rec}), best)
-    return rec
-
-
-def selection(run_dir):
-    """The summary's `selection` block, from metrics.jsonl's evaluations (every --eval-every and the final one):
-    for `final` and for each validator the step it picks (argmax of its score; NaN never picked, the earliest of
-    equal scores) and the target test accuracy there; `oracle` picks by that accuracy itself, which reads the
-    target test labels: for reference only."""
-    path = Path(run_dir) / "metrics.jsonl"
-    recs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    recs = [dict(r, acc=r.get("target_test_acc", r.get("target_test_acc_curve"))) for r in recs
-            if "target_test_acc" in r or "target_test_acc_curve" in r]
-    if not recs:
-        return None
-    pick = lambda r, score=None: {"step": r["step"], "target_acc": r["acc"],  # noqa: E731
-                                  **({"score": round(r[score], 5)} if score else {})}
-    out = {"final": pick(recs[-1])}
-    for v in VALIDATORS:
-        cands = [r for r in recs if isinstance(r.get(v), (int, float)) and math.isfinite(r[v])]
-        out[v] = pick(max(cands, key=lambda r: r[v]), v) if cands else None
-    labelled = [r for r in recs if isinstance(r["acc"], (int, float))]
-    out["oracle"] = dict(pick(max(labelled, key=lambda r: r["acc"])), uses_target_test_labels=True) if labelled else None
-    return out
-
-
-@torch.inference_mode()
-def predict_target(run_dir, model, src, tgt, batch_size=4096, amp=False, input_range="-1,1"):
-    """The final model on the target training images, a check that needs no target label. Returns, for the summary,
-    the share of those images predicted as each class beside each class's share of the source labels, and the
-    classes whose predicted share is under a third of their source share. Adversarial alignment can map all of one
-    class's target images onto another class (GAM U->M: a run that reads most MNIST 7s as 9s gives 7 1.6 % of the
-    predictions against 8.8 % of the USPS labels); such a class is also named on stdout. A hint, not a verdict: the
-    target's own class balance can differ (0 is 16.4 % of USPS, 9.9 % of MNIST). A folder task's predictions are
-    written to predictions.csv: file, predicted class, confidence (softmax probability)."""
-    was_training = model.training
-    model.eval()
-    probs = []
-    with autocast(tgt.train_x.device, amp):
-        for chunk in tgt.train_x.split(batch_size):
-            probs.append(F.softmax(model(to_float(chunk, input_range)).float(), 1))
-    model.train(was_training)
-    conf, pred = torch.cat(probs).max(1)
-    k = len(src.classes)
-    pred_share = (torch.bincount(pred, minlength=k).double() / max(1, len(pred)) * 100).tolist()
-    source_share = (torch.bincount(src.train_y, minlength=k).double() / max(1, len(src.train_y)) * 100).tolist()
-    emptied = [(c, p, s) for c, p, s in zip(src.classes, pred_share, source_share) if p < s / 3]
-    for c, p, s in emptied:
-        print(f"check: class {c} gets {p:.1f} % of the target predictions against {s:.1f} % of the source labels "
-              f"(its target images may have been mapped onto another class)", flush=True)
-    if tgt.files:
-        import csv
-
-        with open(Path(run_dir) / "predictions.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "predicted_class", "confidence"])
-            for name, c, p in zip(tgt.files, pred.tolist(), conf.tolist()):
-                w.writerow([name, tgt.classes[c], f"{p:.4f}"])
-    return {"target_pred_share": [round(v, 2) for v in pred_share],
-            "source_label_share": [round(v, 2) for v in source_share], "emptied_classes": [c for c, _, _ in emptied]}
 
 
 # ---- 4c. run folder, atomic writes, the training-loop meter ------------------------------------------------------
@@ -1706,14 +1578,15 @@ def load_source(net, ckpt, identity):
 
 
 def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, input_range, log_every, amp,
-                 decay_biases=True):
+                 decay_biases=True, identity=None, paths=()):
     """Stage 1: Adam on cross entropy over labelled source images (uint8, on the device), batches drawn by index.
     weight_decay: Adam's (L2 in the gradient), on every parameter, or only on the weights (not biases, 1-d tensors)
     with decay_biases=False, as a slim l2_regularizer on the weights.
 
     It draws from copies of the random streams (`generator`'s and torch's global one, which dropout uses) and leaves
     the caller's as it found them: stage 2 then draws the same numbers whether this run trained the network or
-    loaded it from --source-ckpt, so a cached stage 1 never changes a seed's result."""
+    loaded it from --source-ckpt, so a cached stage 1 never changes a seed's result. Then the stage-1 file (state
+    dict + `identity`, how it was trained) is written to every path given (the run folder's source.pt, --source-ckpt)."""
     device = x.device
     own = torch.Generator(device=generator.device)
     own.set_state(generator.get_state())
@@ -1734,10 +1607,6 @@ def train_source(net, x, y, *, steps, batch_size, lr, weight_decay, generator, i
             opt.step()
             meter.add(loss_y=loss)
             meter.step(step)
-
-
-def save_source(net, identity, paths):
-    """Write the stage-1 file (state dict + how it was trained) to every path given (run folder, --source-ckpt)."""
     for path in paths:
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -1791,6 +1660,91 @@ def finish(run_dir, summary, meter, t_start, device, final=None, domains=None):
     print(json.dumps(summary), flush=True)
 
 
+class Run:
+    """One run's machinery on one object, so that a script's method does not depend on it: threads, seeding and
+    device (setup_torch), then the run folder with args.json (`folder`), autocast, --compile and --cuda-graph,
+    the meter, resume and checkpoints, the model files, the model a label-free score prefers (--keep-best), the
+    target predictions' report and the summary (`finish`). Each is a thin wrapper of a function above."""
+
+    def __init__(self, args, method):
+        self.t_start = time.time()
+        self.args, self.method = args, method
+        self.device = setup_torch(args)
+        self.dir = self.meter = None
+
+    def folder(self, **resolved):
+        """Make the run folder (or take the resumed one) and write args.json (with `resolved`)."""
+        self.dir = make_run_dir(self.args, self.method)
+        write_args(self.dir, self.args, **resolved)
+        return self.dir
+
+    def autocast(self):
+        return autocast(self.device, self.args.amp)
+
+    def compile(self, fn):
+        return maybe_compile(fn, self.args.compile)
+
+    def graphed(self, step, generators=()):
+        return GraphedStep(step, self.args.cuda_graph, self.device, generators)
+
+    def start_meter(self, total=None, log_every=None, eval_every=None):
+        a = self.args
+        self.meter = Meter(self.dir, a.steps if total is None else total, log_every or a.log_every,
+                           a.eval_every if eval_every is None else eval_every, tensorboard=a.tensorboard)
+        return self.meter
+
+    def resume(self, state):
+        """0 for a new run; with --resume, `state` restored from the checkpoint, and its step."""
+        return load_checkpoint(self.args, self.dir, state)
+
+    def checkpoint(self, step, state, total=None):
+        save_checkpoint(self.dir, step, self.args.ckpt_every, self.args.steps if total is None else total, state)
+
+    def save_model(self, obj, name="model.pt"):
+        """A model file in the run folder (unless --no-save-model)."""
+        if not self.args.no_save_model:
+            atomic_torch_save(obj, self.dir / name)
+
+    def keep_best(self, model, rec):
+        """--keep-best VALIDATOR: save model_best.pt whenever that score of `rec` (an evaluation's numbers) beats the
+        best so far (kept in model_best.json, so a resumed run continues the comparison). Returns rec."""
+        name = self.args.keep_best
+        if name and math.isfinite(rec.get(name, float("nan"))):
+            path, best = self.dir / "model_best.pt", self.dir / "model_best.json"
+            if not best.exists() or rec[name] > json.loads(best.read_text())["score"]:
+                atomic_torch_save({"model": model.state_dict(), "validator": name, "score": rec[name]}, path)
+                atomic_write_json(_no_nan({"validator": name, "score": rec[name], **rec}), best)
+        return rec
+
+    def predictions(self, model, src, tgt, **ev):
+        """The final model's class shares (class_shares) for the summary: a class that seems emptied is named on
+        stdout, and a folder task's predictions go to predictions.csv (file, predicted class, confidence)."""
+        shares, pred, conf = class_shares(model, src, tgt, **ev)
+        for c in shares["emptied_classes"]:
+            i = src.classes.index(c)
+            print(f"check: class {c} gets {shares['target_pred_share'][i]:.1f} % of the target predictions against "
+                  f"{shares['source_label_share'][i]:.1f} % of the source labels (its target images may have been "
+                  "mapped onto another class)", flush=True)
+        if tgt.files:
+            import csv
+
+            with open(self.dir / "predictions.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["file", "predicted_class", "confidence"])
+                for name, c, p in zip(tgt.files, pred.tolist(), conf.tolist()):
+                    w.writerow([name, tgt.classes[c], f"{p:.4f}"])
+        return shares
+
+    def finish(self, summary, final=None, domains=None, timed=True):
+        """The summary (finish); timed=False: a run without a training loop reports no steps/s."""
+        finish(self.dir, summary, self.meter if timed else None, self.t_start, self.device, final, domains)
+
+    @staticmethod
+    def main(main, parse_args):
+        """`python script.py ...` (main_guard)."""
+        main_guard(main, parse_args)
+
+
 def main_guard(main, parse_args):
     """`python script.py ...`: a missing dataset or an impossible flag ends with one line that says what to do."""
     try:
@@ -1798,3 +1752,136 @@ def main_guard(main, parse_args):
     except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. --cuda-graph: a recorded training step, one launch instead of hundreds
+# ----------------------------------------------------------------------------------------------------------------
+
+GRAPH_MODES = ("off", "on", "check")
+# ops that make the host wait for the device, or whose output shape depends on the data: a graph cannot record them
+_GRAPH_UNSAFE = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+                 "aten::masked_select", "aten::_unique", "aten::unique", "aten::repeat_interleave")
+
+
+class GraphUnsafe(RuntimeError):
+    """A step does something a recorded CUDA graph would not repeat faithfully (raised by --cuda-graph check)."""
+
+
+class GraphedStep:
+    """One training step `fn(*inputs) -> dict of tensors`: run as written (--cuda-graph off), or recorded once as a CUDA
+    graph and replayed (on). The digit networks are so small that an eager step is bound by its hundreds of kernel
+    launches, not by the GPU; a replay is one launch. `check` runs the recorded path's bookkeeping on any device (the
+    same fixed buffers, no graph) and raises GraphUnsafe where a recording would go wrong; the tests run it on the CPU.
+
+    What a recorded step may do, and how the scripts keep to it:
+      * inputs: tensors (batch indices, images) are copied into fixed buffers and numbers (a schedule's value, a patch
+        position) put into 0-d device tensors before each call: a graph reads fixed addresses and bakes a Python
+        number in. A step whose structure changes now and then (GAM's number of GANs, PixelDA's staircase learning
+        rate) passes `key=`: a new key records a new graph;
+      * no host sync (`.item()`, `float(t)`, a data-dependent shape) and no Python branch on a changing value inside;
+      * random draws use the default generator or one passed in `generators` (registered with the graph);
+      * the optimisers step inside the graph: Adam(capturable=True), SGD fused with a tensor learning rate where the
+        rate changes; `zero_grad(set_to_none=True)` before each backward;
+      * the returned tensors are overwritten by the next replay (Meter.add copies them).
+    The first `warmup` calls of a key run eagerly on a side stream (optimiser state, cuDNN's choices), the next one
+    records the graph and replays it: every call is one real training step. `reset()` after the optimisers' state was
+    replaced (a loaded state dict holds new tensors that a recorded graph would not see)."""
+
+    def __init__(self, fn, mode, device, generators=(), warmup=3):
+        self.fn, self.mode, self.device, self.generators, self.warmup = fn, mode, device, tuple(generators), warmup
+        self.key, self.side = None, torch.cuda.Stream() if mode == "on" else None
+        self.reset()
+
+    def reset(self):
+        self.calls, self.graph, self.static, self.out, self.trace = 0, None, None, None, None
+
+    def __call__(self, *inputs, key=None):
+        if self.mode == "off":
+            return self.fn(*inputs)
+        if key != self.key or self.static is None:
+            self.reset()  # a new structure: warm up and record again (the old graph's memory is freed)
+            self.key = key
+            self.static = [x.clone() if torch.is_tensor(x) else torch.tensor(x, device=self.device) for x in inputs]
+        if len(inputs) != len(self.static):
+            raise GraphUnsafe(f"a recorded step takes {len(self.static)} inputs, got {len(inputs)}")
+        for buf, x in zip(self.static, inputs):
+            if torch.is_tensor(x) and x.shape != buf.shape:
+                raise GraphUnsafe(f"a recorded step's input changed shape ({tuple(buf.shape)} -> {tuple(x.shape)})")
+            buf.copy_(x) if torch.is_tensor(x) else buf.fill_(x)
+        self.calls += 1
+        if self.mode == "check":
+            return self._checked()
+        if self.calls <= self.warmup:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side), warnings.catch_warnings():  # (capturable Adam warns when not recorded)
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                out = self.fn(*self.static)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            for g in self.generators:
+                self.graph.register_generator_state(g)
+            # recorded on the warm-up's stream; records the kernels without running them: the replay below runs them
+            with torch.cuda.graph(self.graph, stream=self.side):
+                self.out = self.fn(*self.static)
+            print(f"--cuda-graph: {self.fn.__name__} recorded after {self.warmup} eager calls"
+                  + (f" (key {self.key})" if self.key is not None else ""), flush=True)
+        self.graph.replay()
+        return self.out
+
+    def _checked(self):
+        """fn under a dispatch mode that records each op with its non-tensor arguments and the addresses of the
+        tensors it reads that were not made inside the step. A sync raises at once; a record that differs from the
+        first call's means a Python value or a tensor made outside has changed, which a replay would not see. The
+        optimisers' own steps are not traced: torch documents capturable=True / fused=True as safe to record."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Trace(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops, self.made, self.paused = [], set(), 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if self.paused or func.namespace == "profiler":  # (the optimisers' record_function marks)
+                    return out
+                name = func._schema.name
+                indices = args[1] if name == "aten::index" and len(args) > 1 else ()
+                if name in _GRAPH_UNSAFE or any(t is not None and t.dtype == torch.bool for t in indices):
+                    raise GraphUnsafe(f"{func} in the step: a host sync or a data-dependent shape, which a CUDA graph "
+                                      "cannot record (keep .item(), float(t) and boolean masks out of the step)")
+                outside, values = [], []
+                for a in tree_leaves((args, kwargs)):
+                    if torch.is_tensor(a):
+                        if a.untyped_storage().data_ptr() not in self.made:
+                            outside.append(a.untyped_storage().data_ptr())
+                    else:  # (a generator is re-wrapped on each call: its device names it)
+                        values.append(f"generator on {a.device}" if isinstance(a, torch.Generator) else repr(a))
+                self.made.update(o.untyped_storage().data_ptr() for o in tree_leaves(out) if torch.is_tensor(o))
+                self.ops.append((str(func), tuple(outside), tuple(values)))
+                return out
+
+        trace = Trace()
+        pause = lambda *_: setattr(trace, "paused", trace.paused + 1)  # noqa: E731
+        resume = lambda *_: setattr(trace, "paused", trace.paused - 1)  # noqa: E731
+        hooks = (register_optimizer_step_pre_hook(pause), register_optimizer_step_post_hook(resume))
+        try:
+            with trace:
+                out = self.fn(*self.static)
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.trace is None:
+            self.trace = trace.ops
+        elif trace.ops != self.trace:
+            i = next((i for i, (a, b) in enumerate(zip(trace.ops, self.trace)) if a != b),
+                     min(len(trace.ops), len(self.trace)))
+            now, then = (ops[i] if i < len(ops) else "(none)" for ops in (trace.ops, self.trace))
+            raise GraphUnsafe(f"the step's op {i} differs from the recorded one: {now} vs {then}. A Python value or a "
+                              "tensor made outside the step changed between steps; a replay would repeat the old one "
+                              "(pass it as an input, or as key= if it changes the step's structure)")
+        return out

@@ -46,18 +46,14 @@ Commands and numbers (final model, target test accuracy %, 3 seeds, 20k steps, C
     python dann.py --task mnist-mnistm --oracle           # train on target (upper bound; paper 95.96)
 """
 
-import argparse
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (BACKBONES, GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_shared_args,
-                    atomic_torch_save, autocast, backbone_input, build_backbone, check_args, count_params,
-                    evaluate_domains, finish, load_checkpoint, load_task, main_guard, make_run_dir, maybe_compile,
-                    parse, predict, predict_target, save_checkpoint, setup_torch, to_float, write_args)
+from common import (Flags, IndexSampler, Run, UsageError, accuracy, backbone_input, build_backbone, evaluate_domains,
+                    load_task, predict, to_float)
 
 # per-task paper defaults (see the docstring): backbone, domain-classifier hidden sizes, learning-rate schedule
 TASK_DEFAULTS = {
@@ -72,9 +68,8 @@ TASK_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_args(p, task="mnist-mnistm", steps=20000, steps_help="training steps; p = step/steps drives both schedules",
-                    log_every=500, eval_every=2000, input_range="-1,1")
+    p = Flags(__doc__, task="mnist-mnistm", steps=20000, steps_help="training steps; p = step/steps drives both schedules",
+          log_every=500, eval_every=2000, input_range="-1,1")
     g = p.add_argument_group("method (defaults: the paper's digit setting)")
     g.add_argument("--backbone", default="auto",
                    help="auto (per task, see docstring; folder tasks: dann_mnist), lenet, dtn, dann_mnist, dann_svhn, "
@@ -98,9 +93,8 @@ def parse_args(argv=None):
                    help="semi-supervised: add N labelled target train images per class to the label loss (paper: 10)")
     g.add_argument("--source-val", type=int, default=0,
                    help="hold out N source train images for the source-validation signal (0: use source test)")
-    args = parse(p, argv)
-    check_args(args, positive=("lr",), non_negative=("lr_alpha", "lr_beta", "momentum", "weight_decay", "gamma",
-                                                     "lambda_max", "target_labels_per_class", "source_val"))
+    args = p.parse(argv, positive=("lr",), non_negative=("lr_alpha", "lr_beta", "momentum", "weight_decay", "gamma",
+                                                         "lambda_max", "target_labels_per_class", "source_val"))
     if args.batch_size < 2 or args.batch_size % 2:
         raise UsageError("--batch-size must be an even number >= 2 (half source, half target)")
     if args.target_labels_per_class and (args.oracle or args.lambda_max == 0):
@@ -112,8 +106,7 @@ def parse_args(argv=None):
     for k in ("backbone", "domain_hidden", "lr_schedule"):
         if getattr(args, k) == "auto":
             setattr(args, k, TASK_DEFAULTS[args.task][k])
-    if args.backbone not in BACKBONES:
-        raise UsageError(f"unknown backbone '{args.backbone}'; choose from auto, {', '.join(BACKBONES)}")
+    backbone_input(args.backbone)  # a UsageError for an unknown one
     if (args.image_size or args.pretrained) and not args.backbone.startswith("resnet"):
         raise UsageError("--image-size and --pretrained go with --backbone resnet18 or resnet50")
     if args.image_size and args.image_size < 32:
@@ -186,9 +179,9 @@ def dann_loss(features, classifier, disc, xs, ys, ds, xt, lam):
 
 
 def main(args):
-    t_start = time.time()
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
-    device = setup_torch(args)
+    run = Run(args, "dann")
+    device = run.device
     g = torch.Generator(device=device).manual_seed(args.seed)
     channels, size = backbone_input(args.backbone, args.image_size)
     src, tgt = load_task(args, size, channels, device)
@@ -214,9 +207,7 @@ def main(args):
     half = args.batch_size // 2
     labelled = IndexSampler(len(pool_x), half, device, g)
     unlabelled = IndexSampler(len(tgt.train_x), half, device, g)
-    run_dir = make_run_dir(args, "dann")
-    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
-    write_args(run_dir, args, source=src.name, target=tgt.name)
+    run.folder(source=src.name, target=tgt.name)
 
     # ALGO LOGIC: networks and optimiser
     model = model.to(device)
@@ -225,7 +216,7 @@ def main(args):
     graph = args.cuda_graph == "on"  # a recorded step reads the annealed learning rate from a device tensor (fused SGD)
     opt = torch.optim.SGD(params, lr=torch.tensor(args.lr, device=device) if graph else args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay, **({"fused": True} if graph else {}))
-    features, classifier, disc_fn = (maybe_compile(m, args.compile) for m in (model.features, model.classifier, disc))
+    features, classifier, disc_fn = (run.compile(m) for m in (model.features, model.classifier, disc))
     domain_net = nn.Sequential(model.features, disc)  # G_d(G_f(x)), the same modules, for evaluation only
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp, input_range=args.input_range)
 
@@ -233,24 +224,25 @@ def main(args):
         """Source validation error and domain-classifier error (the paper's unsupervised selection signals), and
         the target test accuracy (reported for the final model; during training a curve only, never for selection)."""
         rec = {"source_val_err": 100 - accuracy(model, val_x, val_y, **ev),
-               **evaluate_domains(model, src, tgt, final, keep_best=best, **ev)}
+               **run.keep_best(model, evaluate_domains(model, src, tgt, final, **ev))}  # --keep-best: saved
         if adapt:  # source images should be called 0 and target images 1; no labels of either are used
             xt = (tgt.test_x if len(tgt.test_x) else tgt.train_x)[:2000]  # a folder task may have no test images
             wrong = (predict(domain_net, val_x[:2000], **ev) != 0).sum() + (predict(domain_net, xt, **ev) != 1).sum()
             rec["domain_err"] = wrong.item() / (len(val_x[:2000]) + len(xt)) * 100
         return rec
 
-    print(f"dann {args.task} ({args.variant}) | {src} -> {tgt} | {args.backbone} {count_params(model):,} params, "
-          f"domain classifier {list(args.hidden)} | {device} | run folder {run_dir}", flush=True)
+    print(f"dann {args.task} ({args.variant}) | {src} -> {tgt} | {args.backbone} "
+          f"{sum(p.numel() for p in model.parameters()):,} params, domain classifier {list(args.hidden)} | {device} | "
+          f"run folder {run.dir}", flush=True)
 
     # ---- training: one flat loop -------------------------------------------------------------------------------
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
+    meter = run.start_meter()
     state = dict(model=model, disc=disc, opt=opt, labelled=labelled, unlabelled=unlabelled, g=g, meter=meter)
 
     def train_step(idx, t_idx=None, lam=0.0):
         """One SGD step on E (eq. 9): idx indexes the labelled pool, t_idx the unlabelled target images."""
         xs, ys = to_float(pool_x[idx], args.input_range), pool_y[idx]
-        with autocast(device, args.amp):
+        with run.autocast():
             if adapt:  # eq. 9 through the GRL
                 loss, loss_y, loss_d, dom_acc = dann_loss(features, classifier, disc_fn, xs, ys, pool_d[idx],
                                                           to_float(tgt.train_x[t_idx], args.input_range), lam)
@@ -263,8 +255,8 @@ def main(args):
         opt.step()
         return stats
 
-    train_step = GraphedStep(train_step, args.cuda_graph, device)  # --cuda-graph on: recorded once, then replayed
-    for step in range(load_checkpoint(args, run_dir, state), args.steps):
+    train_step = run.graphed(train_step)  # --cuda-graph on: recorded once, then replayed
+    for step in range(run.resume(state), args.steps):
         # ALGO LOGIC
         p = step / args.steps
         lam = args.lambda_max * adaptation_factor(p, args.gamma)
@@ -276,22 +268,20 @@ def main(args):
         # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints (host syncs only when logging)
         meter.add(**stats)
         meter.step(step + 1, evaluate, lam=lam, lr=lr)
-        save_checkpoint(run_dir, step + 1, args.ckpt_every, args.steps, state)
+        run.checkpoint(step + 1, state)
 
     # ---- final evaluation of the final model (no checkpoint selection) ------------------------------------------
     final = evaluate(final=True)
     meter.write(step=args.steps, **final)
-    shares = predict_target(run_dir, model, src, tgt, **ev)  # label-free: each class's share
-    if not args.no_save_model:
-        atomic_torch_save({"backbone": args.backbone, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
-                           "args": vars(args)}, run_dir / "model.pt")
-    finish(run_dir, {
+    shares = run.predictions(model, src, tgt, **ev)  # label-free: each class's share
+    run.save_model({"backbone": args.backbone, "model": model.state_dict(), "domain_classifier": disc.state_dict(),
+                    "args": vars(args)})
+    run.finish({
         "method": "dann", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "backbone": args.backbone, "pretrained": args.pretrained, "target_acc": round(final["target_test_acc"], 3),
         "source_acc": round(final["source_test_acc"], 3), "source_val_err": round(final["source_val_err"], 3),
-        "domain_err": round(final["domain_err"], 3) if adapt else None, "class_shares": shares}, meter, t_start, device,
-        final, (src, tgt))
+        "domain_err": round(final["domain_err"], 3) if adapt else None, "class_shares": shares}, final, (src, tgt))
 
 
 if __name__ == "__main__":
-    main_guard(main, parse_args)
+    Run.main(main, parse_args)

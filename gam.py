@@ -20,7 +20,7 @@ Implemented:
     paper says neither the order nor how it judged convergence; fixed before any run, never tuned on target
     labels), at the latest after an equal share of the iterations. `equal-shares`; `joint` (the released code).
   * `--restart-emptied N` (not in the paper; off): when the first GAN has converged and a label-free check
-    (common.predict_target) names a class predicted on under a third of its source-label share of the target train
+    (common.class_shares) names a class predicted on under a third of its source-label share of the target train
     images, the GAN stage starts again at full length, at most N times; bit for bit the same if no class empties.
   * ADDA = `--gan-layers fc4 --gan-weights 1 --no-gaussian-init --drift 0`. Table 2: `--{source,target}-subset`.
   * `--recipe official` (default; the released digits code, its README: 95 / 98 / 74 for M->U / U->M / S->M): Adam
@@ -47,19 +47,15 @@ Paper (Table 1, M->U / U->M / S->M): no adaptation 77.8 / 70.7 / 60.3; ADDA 90.2
 alternating 95.34 +- 4.26 (seeds 0-5), 96.81 +- 3.03 with `--restart-emptied 2`, ADDA 91.84 +- 6.42.
 """
 
-import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GraphedStep, IndexSampler, Meter, UsageError, accuracy, add_shared_args, atomic_torch_save,
-                    build_backbone, check_args, count_params, evaluate_domains, finish, load_checkpoint, load_source,
-                    load_task, main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint,
-                    save_source, setup_torch, to_float, train_source, write_args)
+from common import (Flags, IndexSampler, Run, UsageError, accuracy, build_backbone, class_shares, evaluate_domains,
+                    load_source, load_task, to_float, train_source)
 
 RECIPES = {"official": dict(optimizer="adam", lr=2e-4, steps=10000, drift=1.0),
            "paper": dict(optimizer="sgd", lr=1e-4, steps=20000, drift=0.5)}
@@ -67,11 +63,10 @@ PAPER_GANS = (["relu3", "fc4"], [0.1, 1.0])  # Sec. 5: the last two layers, the 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = add_shared_args(p, task="mnist-usps", steps=None, steps_help="adaptation iterations (default: the recipe's)",
-                           log_every=500, eval_every=2000, input_range="0,1")
+    p = Flags(__doc__, task="mnist-usps", steps=None, steps_help="adaptation iterations (default: the recipe's)",
+              log_every=500, eval_every=2000, input_range="0,1")
     for d in ("source", "target"):
-        data.add_argument(f"--{d}-subset", default="full", choices=["full", "odd", "even"],
+        p.data.add_argument(f"--{d}-subset", default="full", choices=["full", "odd", "even"],
                           help=f"Table 2: remove half of the odd/even digits from the {d} train split")
     g = p.add_argument_group("stage 1: source network F^s")
     g.add_argument("--source-ckpt", default=None,
@@ -105,10 +100,9 @@ def parse_args(argv=None):
                         "[source; target]; alternating: discriminators first, then F^t on the updated ones")
     g.add_argument("--disc-pretrain", type=int, default=500, help="discriminator-only iterations before adaptation")
     g.add_argument("--stats-samples", type=int, default=10000, help="images per domain for Gaussian statistics")
-    args = parse(p, argv)
-    check_args(args, positive=("lr", "source_lr", "converge_tol"),
-               at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
-               non_negative=("drift", "disc_pretrain", "restart_emptied", "source_l2"))
+    args = p.parse(argv, positive=("lr", "source_lr", "converge_tol"),
+                   at_least_one=("source_steps", "batch_size", "stats_samples", "converge_window"),
+                   non_negative=("drift", "disc_pretrain", "restart_emptied", "source_l2"))
     vars(args).update({k: v for k, v in RECIPES[args.recipe].items() if getattr(args, k) is None})  # in args.json
     args.layers = [s.strip() for s in args.gan_layers.split(",") if s.strip()]
     try:
@@ -258,9 +252,9 @@ def make_optimizer(params, kind, lr, capturable=False):  # capturable: --cuda-gr
 
 
 def main(args):
-    t_start = time.time()
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device)
-    device = setup_torch(args)
+    run = Run(args, "gam")
+    device = run.device
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 28, 1, device)  # LeNet's input: 28x28 gray
     f_s = build_backbone("lenet", len(src.classes)).to(device)
@@ -276,18 +270,16 @@ def main(args):
                   **({"l2": args.source_l2} if args.source_l2 else {}))
     own = Path(args.resume or "") / "source.pt"  # a resumed run's own stage 1
     loaded = load_source(f_s, own if args.resume and own.exists() else args.source_ckpt, stage1)
-    run_dir = make_run_dir(args, "gam")
-    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
-    write_args(run_dir, args, source=src.name, target=tgt.name)
-    print(f"gam {args.task} ({args.variant}) | {src} -> {tgt} | lenet {count_params(f_s):,} params | {device} | "
-          f"run folder {run_dir}", flush=True)
+    run_dir = run.folder(source=src.name, target=tgt.name)
+    print(f"gam {args.task} ({args.variant}) | {src} -> {tgt} | lenet {sum(p.numel() for p in f_s.parameters()):,} "
+          f"params | {device} | run folder {run_dir}", flush=True)
 
     # ---- stage 1: source network F^s ---------------------------------------------------------------------------
     if not loaded:
         train_source(f_s, src_x, src_y, steps=args.source_steps, batch_size=args.batch_size, lr=args.source_lr,
                      weight_decay=args.source_l2, generator=g, input_range=args.input_range, log_every=args.log_every,
-                     amp=args.amp, decay_biases=False)
-        save_source(f_s, stage1, [None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
+                     amp=args.amp, decay_biases=False, identity=stage1,
+                     paths=[None if args.no_save_model else run_dir / "source.pt", args.source_ckpt])
     f_s.eval().requires_grad_(False)  # frozen from here on
     no_adapt = {f"{d}_acc": accuracy(f_s, dom.test_x, dom.test_y, **ev) for d, dom in domains}
     print(f"F^s (no adaptation): target {no_adapt['target_acc']:.2f} source {no_adapt['source_acc']:.2f}", flush=True)
@@ -310,7 +302,7 @@ def main(args):
         opt_d = make_optimizer(discs.parameters(), args.optimizer, args.lr, args.cuda_graph == "on")
         opt_t = make_optimizer(f_t.parameters(), args.optimizer, args.lr, args.cuda_graph == "on")
         start = copy.deepcopy([f_t.state_dict(), opt_d.state_dict(), opt_t.state_dict()])  # for --restart-emptied
-        acts_t = maybe_compile(f_t.activations, args.compile)
+        acts_t = run.compile(f_t.activations)
         s_sampler, t_sampler = (IndexSampler(len(x), args.batch_size, device, g) for x in (src_x, tgt_x))
 
         def restart(it):  # --restart-emptied: the whole GAN stage again from iteration `it` on, with its full length:
@@ -337,13 +329,13 @@ def main(args):
                 losses = (discriminator_step(discs, opt_d, a_s, a_t, active),
                           *(target_step(f_t, discs, opt_t, a_t, active, ref, args.drift) if step >= 0 else (zero,) * 2))
             return dict(zip(("loss_d", "loss_gan", "drift"), losses))
-        train_step = GraphedStep(train_step, args.cuda_graph, device)  # --cuda-graph on: recorded once per key
-        meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
+        train_step = run.graphed(train_step)  # --cuda-graph on: recorded once per key
+        meter = run.start_meter()
         # GANs training, the newest's start and loss window, the joins; restarts, the kept attempt's first iteration
         sched = dict(active=1, since=0, sum=0.0, prev=-1.0, joins=[0], restarts=[], offset=0)
         state = dict(f_t=f_t, discs=discs, opt_d=opt_d, opt_t=opt_t, s_sampler=s_sampler, t_sampler=t_sampler, g=g,
                      meter=meter, sched=sched)
-        it = load_checkpoint(args, run_dir, state)
+        it = run.resume(state)
         meter.total = args.steps + sched["offset"]
         while it < args.disc_pretrain + args.steps + sched["offset"]:
             # ALGO LOGIC
@@ -357,7 +349,7 @@ def main(args):
             if (step >= 0 and args.gan_schedule == "converged" and n_active < len(args.layers)
                     and flattened(sched, step, stats["loss_d"], args.converge_window, args.converge_tol)):
                 if (n_active == 1 and len(sched["restarts"]) < args.restart_emptied
-                        and predict_target(run_dir, f_t, src, tgt, **ev)["emptied_classes"]):
+                        and class_shares(f_t, src, tgt, **ev)[0]["emptied_classes"]):
                     restart(it + 1)  # the first GAN sent a class's target images to another class
                 else:  # the next GAN joins
                     sched.update(active=n_active + 1, since=step + 1, sum=0.0, prev=-1.0,
@@ -366,20 +358,19 @@ def main(args):
             meter.add(**stats)
             it += 1
             if it > args.disc_pretrain:  # adaptation iterations so far (restarted attempts included); a curve only
-                meter.step(it - args.disc_pretrain, lambda: evaluate_domains(f_t, src, tgt, keep_best=best, **ev),
-                           gans=n_active)
-            save_checkpoint(run_dir, it, args.ckpt_every, args.disc_pretrain + args.steps + sched["offset"], state)
+                meter.step(it - args.disc_pretrain, lambda: run.keep_best(f_t, evaluate_domains(f_t, src, tgt, **ev)),
+                           gans=n_active)  # (--keep-best: saved when that score improves)
+            run.checkpoint(it, state, args.disc_pretrain + args.steps + sched["offset"])
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    final = evaluate_domains(f_t, src, tgt, final=True, keep_best=best, **ev)
+    final = run.keep_best(f_t, evaluate_domains(f_t, src, tgt, final=True, **ev))
     train_acc = accuracy(f_t, tgt.train_x, tgt.train_y, **ev) if args.task != "folder" else float("nan")
     steps = args.steps if args.mode == "gam" else 0
-    meter = Meter(run_dir, 0, 1, tensorboard=args.tensorboard) if meter is None else meter
+    meter = run.start_meter(0, 1, 0) if meter is None else meter
     meter.write(step=steps + (sched["offset"] if sched else 0), **final)  # restarted attempts included
-    shares = predict_target(run_dir, f_t, src, tgt, **ev)  # label-free: each class's share
-    if not args.no_save_model:
-        atomic_torch_save({"model": f_t.state_dict(), "args": vars(args)}, run_dir / "model.pt")
-    finish(run_dir, {
+    shares = run.predictions(f_t, src, tgt, **ev)  # label-free: each class's share
+    run.save_model({"model": f_t.state_dict(), "args": vars(args)})
+    run.finish({
         "method": "gam", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": steps,
         "source_steps": 0 if loaded else args.source_steps, "target_acc": round(final["target_test_acc"], 3),
         "source_acc": round(final["source_test_acc"], 3), "target_train_acc": round(train_acc, 3),
@@ -387,8 +378,8 @@ def main(args):
         "gan_restarts": sched["restarts"] if sched and args.restart_emptied else None,  # --restart-emptied's
         "no_adaptation": {k: round(v, 3) for k, v in no_adapt.items()},
         "gaussian_only": {k: round(v, 3) for k, v in gaussian.items()} if gaussian else None},
-        meter if args.mode == "gam" else None, t_start, device, final, (src, tgt))
+        final, (src, tgt), timed=args.mode == "gam")
 
 
 if __name__ == "__main__":
-    main_guard(main, parse_args)
+    Run.main(main, parse_args)

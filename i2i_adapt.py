@@ -60,25 +60,18 @@ mean, 66.7 to 81.5); the augmentation gives some 4 points of it (69.6 +- 4.1 at 
 `--aug-translate 0 --aug-rotate 0`). The paper gives neither its augmentation's ranges nor a spread over seeds.
 """
 
-import argparse
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (GraphedStep, IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast,
-                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task, main_guard,
-                    make_run_dir, maybe_compile, parse, predict_target, random_affine, save_checkpoint, setup_torch,
-                    to_float, write_args)
+from common import Flags, IndexSampler, Run, UsageError, evaluate_domains, load_task, random_affine, to_float
 
 LAMBDAS = ("c", "z", "tr", "id_x", "id_y", "cyc", "trc")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_args(p, task="mnist-usps", steps=20000, steps_help="generator-side iterations (the paper does not say)",
-                    log_every=200, eval_every=2000)
+    p = Flags(__doc__, task="mnist-usps", steps=20000, steps_help="generator-side iterations (the paper does not say)",
+              log_every=200, eval_every=2000)
     g = p.add_argument_group("losses, eq. 7 (defaults: Sec. 4.1's digit setting; 0 switches a term off)")
     g.add_argument("--lambda-c", type=float, default=1.0, help="Q_c: source classification")
     g.add_argument("--lambda-z", type=float, default=0.05, help="Q_z: latent-space critic (target features only)")
@@ -98,9 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--gp-weight", type=float, default=10.0, help="WGAN-GP gradient-penalty weight")
     g.add_argument("--aug-translate", type=float, default=0.1, help="random translation, fraction of the side (0: off)")
     g.add_argument("--aug-rotate", type=float, default=10.0, help="random rotation, degrees (0: off)")
-    args = parse(p, argv)
-    check_args(args, positive=("lr",), at_least_one=("critic_steps",),
-               non_negative=("gp_weight", "aug_translate", "aug_rotate") + tuple(f"lambda_{k}" for k in LAMBDAS))
+    args = p.parse(argv, positive=("lr",), at_least_one=("critic_steps",),
+                   non_negative=("gp_weight", "aug_translate", "aug_rotate") + tuple(f"lambda_{k}" for k in LAMBDAS))
     if args.batch_size < 2:
         raise UsageError("--batch-size must be >= 2 (the decoders' BatchNorm statistics)")
     args.lam = {k: getattr(args, f"lambda_{k}") for k in LAMBDAS}
@@ -264,14 +256,12 @@ def save_grid(nets, xs, xt, path):
 
 
 def main(args):
-    t_start = time.time()
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
-    device = setup_torch(args)
+    run = Run(args, "i2i_adapt")
+    device = run.device
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 32, 1, device)  # 32x32 gray
-    run_dir = make_run_dir(args, "i2i_adapt")
-    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
-    write_args(run_dir, args, source=src.name, target=tgt.name)
+    run_dir = run.folder(source=src.name, target=tgt.name)
 
     # ALGO LOGIC: the networks some switched-on loss needs, two optimisers (generator side, critics)
     lam = args.lam
@@ -281,10 +271,10 @@ def main(args):
     adam = dict(lr=args.lr, betas=args.adam_betas, capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
     opt_g = torch.optim.Adam(gen_params, **adam)
     opt_d = torch.optim.Adam([p for k in critics for p in nets[k].parameters()], **adam) if critics else None
-    maybe_compile(nets["enc"], args.compile)
+    run.compile(nets["enc"])
     model = nn.Sequential(nets["enc"], nets["cls"])  # h(f(.)): what is evaluated
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
-    sizes = {k: count_params(m) for k, m in nets.items()}
+    sizes = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     print(f"i2i_adapt {args.task} ({args.variant}) | {src} -> {tgt} | networks {sizes} | {device} | run folder {run_dir}",
           flush=True)
 
@@ -295,21 +285,21 @@ def main(args):
         return x
 
     def evaluate(final=False):  # during training a curve only: never used for selection
-        rec = evaluate_domains(model, src, tgt, final, keep_best=best, **ev)
+        rec = run.keep_best(model, evaluate_domains(model, src, tgt, final, **ev))  # --keep-best: saved
         nets.train()  # accuracy() put the Sequential's modules back in its own mode
         return rec
 
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
+    meter = run.start_meter()
     state = dict(nets=nets, opt_g=opt_g, **({"opt_d": opt_d} if opt_d else {}), s_sampler=s_sampler,
                  t_sampler=t_sampler, g=g, meter=meter)
     nets.train()
 
     def critic_step(xs, xt):
         """One update of the critics d_z, d_x, d_y (eqs. 3-4, WGAN-GP); the generator side is detached."""
-        with autocast(device, args.amp):
+        with run.autocast():
             loss_d = critic_loss(nets, xs, xt, args.gp_weight, g)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -318,7 +308,7 @@ def main(args):
 
     def generator_step(xs, ys, xt):
         """One update of the encoder, decoders and classifier on eq. 7."""
-        with autocast(device, args.amp):
+        with run.autocast():
             terms = generator_losses(nets, xs, ys, xt, lam)
             loss = sum(lam[k] * v for k, v in terms.items())  # eq. 7
         opt_g.zero_grad(set_to_none=True)
@@ -326,9 +316,9 @@ def main(args):
         opt_g.step()
         return terms
 
-    critic_step = GraphedStep(critic_step, args.cuda_graph, device, [g])  # --cuda-graph on: recorded once, replayed
-    generator_step = GraphedStep(generator_step, args.cuda_graph, device)
-    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
+    critic_step = run.graphed(critic_step, [g])  # --cuda-graph on: recorded once, replayed
+    generator_step = run.graphed(generator_step)
+    for step in range(run.resume(state) + 1, args.steps + 1):
         # ALGO LOGIC (the augmentation draws stay outside the recorded steps, in the order of the random stream)
         for _ in range(args.critic_steps if critics else 0):  # critics first (alternating optimisation)
             loss_d = critic_step(augment(src.train_x[s_sampler.next()]), augment(tgt.train_x[t_sampler.next()]))
@@ -340,22 +330,21 @@ def main(args):
         # TRY NOT TO MODIFY: logging, the accuracy curve, checkpoints
         meter.add(**{f"Q_{k}": v for k, v in terms.items()}, **({"Q_critic": loss_d} if critics else {}))
         meter.step(step, evaluate)
-        save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
+        run.checkpoint(step, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
     final = evaluate(final=True)
     meter.write(step=args.steps, **final)
-    shares = predict_target(run_dir, model, src, tgt, **ev)  # label-free: each class's share
+    shares = run.predictions(model, src, tgt, **ev)  # label-free: each class's share
     target_images = tgt.test_x if len(tgt.test_x) else tgt.train_x  # a folder task may have no test images
     save_grid(nets, to_float(src.test_x[:8]), to_float(target_images[:8]), run_dir / "translations.png")
     meter.image("translations", run_dir / "translations.png", args.steps)
-    if not args.no_save_model:
-        atomic_torch_save({"nets": nets.state_dict(), "args": vars(args)}, run_dir / "model.pt")
-    finish(run_dir, {
+    run.save_model({"nets": nets.state_dict(), "args": vars(args)})
+    run.finish({
         "method": "i2i_adapt", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
-        "lambdas": lam, "networks": sizes, "class_shares": shares}, meter, t_start, device, final, (src, tgt))
+        "lambdas": lam, "networks": sizes, "class_shares": shares}, final, (src, tgt))
 
 
 if __name__ == "__main__":
-    main_guard(main, parse_args)
+    Run.main(main, parse_args)

@@ -52,17 +52,13 @@ commit in RESULTS.md (MNIST->USPS then collapsed: G redrew digits as other class
 """
 
 import argparse
-import time
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Backbone, GraphedStep, IndexSampler, Meter, UsageError, add_shared_args, atomic_torch_save, autocast,
-                    check_args, count_params, evaluate_domains, finish, load_checkpoint, load_task,
-                    main_guard, make_run_dir, maybe_compile, parse, predict_target, save_checkpoint, setup_torch,
-                    to_float, write_args)
+from common import Backbone, Flags, IndexSampler, Run, UsageError, evaluate_domains, load_task, to_float
 
 # The loss weights of the official MNIST->MNIST-M run (the release's README; its content loss is off, weight 0);
 # others are named in the variant.
@@ -71,10 +67,9 @@ OFFICIAL_WEIGHTS = {"domain_weight": 0.135603587834, "style_weight": 0.011317331
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_args(p, task="mnist-mnistm", steps=250_000,
-                    steps_help="D+G iterations (official: 16M examples / 32 = 500k global steps, two per iteration)",
-                    log_every=200, eval_every=2000)
+    p = Flags(__doc__, task="mnist-mnistm", steps=250_000,
+              steps_help="D+G iterations (official: 16M examples / 32 = 500k global steps, two per iteration)",
+              log_every=200, eval_every=2000)
     g = p.add_argument_group("method (defaults: the official MNIST->MNIST-M hyperparameters)")
     g.add_argument("--source-only", action="store_true", help="train T on source images only (no G, no D)")
     g.add_argument("--batch-size", type=int, default=32, help="images per domain per step")
@@ -102,10 +97,9 @@ def parse_args(argv=None):
     g.add_argument("--private-conv", action=argparse.BooleanOptionalAction, default=True,
                    help="T: a private first conv for source images (official); --no-private-conv: one T for all")
     g.add_argument("--grid-every", type=int, default=5000, help="write a PNG grid every N steps (0: only at the end)")
-    args = parse(p, argv)
-    check_args(args, positive=("lr", "lr_decay"), at_least_one=("lr_decay_steps", "noise_dim"),
-               non_negative=("clip", "weight_decay", "domain_weight", "style_weight", "content_weight", "task_in_g_weight",
-                             "res_blocks", "d_noise", "grid_every"))
+    args = p.parse(argv, positive=("lr", "lr_decay"), at_least_one=("lr_decay_steps", "noise_dim"),
+                   non_negative=("clip", "weight_decay", "domain_weight", "style_weight", "content_weight",
+                                 "task_in_g_weight", "res_blocks", "d_noise", "grid_every"))
     if args.batch_size < 2:
         raise UsageError("--batch-size must be >= 2 (BatchNorm statistics)")
     if not 0 <= args.beta1 < 1 or not 0 <= args.d_dropout < 1:
@@ -236,15 +230,13 @@ def save_grid(g_net, xs, xt, noise_dim, path, n_z=3, generator=None):
 
 
 def main(args):
-    t_start = time.time()
     # TRY NOT TO MODIFY: seeding, device, data (uint8 tensors on the device), run folder
-    device = setup_torch(args)
+    run = Run(args, "pixelda")
+    device = run.device
     g = torch.Generator(device=device).manual_seed(args.seed)
     src, tgt = load_task(args, 32, 3, device)  # T, G and D work on 32x32 RGB
     t_net = task_tower(len(src.classes))
-    run_dir = make_run_dir(args, "pixelda")
-    best = (args.keep_best, run_dir / "model_best.pt")  # --keep-best: saved when that score improves
-    write_args(run_dir, args, source=src.name, target=tgt.name)
+    run_dir = run.folder(source=src.name, target=tgt.name)
 
     # ALGO LOGIC: G, D, T (official initialisation), Adam with a staircase decay for each
     ch, size = t_net.in_channels, t_net.size
@@ -268,21 +260,22 @@ def main(args):
     d_params, g_params = list(d_net.parameters()), [p for p in g_net.parameters() if p.requires_grad]
     opts = (opt_t,) if args.source_only else (opt_t, opt_d, opt_g)
     scheds = [torch.optim.lr_scheduler.StepLR(o, args.lr_decay_steps, args.lr_decay) for o in opts]
-    print(f"pixelda {args.task} ({args.variant}) | {src} -> {tgt} | T {count_params(t_net):,} G {count_params(g_net):,} "
-          f"D {count_params(d_net):,} params | {device} | run folder {run_dir}", flush=True)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"pixelda {args.task} ({args.variant}) | {src} -> {tgt} | T {n(t_net):,} G {n(g_net):,} D {n(d_net):,} "
+          f"params | {device} | run folder {run_dir}", flush=True)
     for net in (g_net, d_net, t_net):
-        maybe_compile(net, args.compile)
+        run.compile(net)
     ev = dict(batch_size=args.eval_batch_size, amp=args.amp)
 
     def evaluate():  # a curve only: never used for selection
-        return evaluate_domains(t_net, src, tgt, source_model=s_net, keep_best=best, **ev)
+        return run.keep_best(t_net, evaluate_domains(t_net, src, tgt, source_model=s_net, **ev))  # --keep-best
 
     # ---- training -----------------------------------------------------------------------------------------------
     s_sampler = IndexSampler(len(src.train_x), args.batch_size, device, g)
     t_sampler = IndexSampler(len(tgt.train_x), args.batch_size, device, g)
     grid_xs, grid_xt = to_float(src.test_x[:8]), to_float((tgt.test_x if len(tgt.test_x) else tgt.train_x)[:8])
     grid_g = torch.Generator(device=device).manual_seed(args.seed)  # the grids' own z: they never move training's
-    meter = Meter(run_dir, args.steps, args.log_every, args.eval_every, tensorboard=args.tensorboard)
+    meter = run.start_meter()
     state = dict(t_net=t_net, g_net=g_net, d_net=d_net, **({"private": private} if private is not None else {}),
                  **{f"opt{i}": o for i, o in enumerate(opts)}, **{f"sched{i}": s for i, s in enumerate(scheds)},
                  s_sampler=s_sampler, t_sampler=t_sampler, g=g, grid_g=grid_g, meter=meter)
@@ -293,7 +286,7 @@ def main(args):
         source images of the G step (the release draws a fresh batch and z for each of its two train ops)."""
         xs, ys = to_float(src.train_x[idx]), src.train_y[idx]
         if args.source_only:
-            with autocast(device, args.amp):
+            with run.autocast():
                 loss_t = F.cross_entropy(t_net(xs), ys)
             opt_t.zero_grad(set_to_none=True)
             loss_t.backward()
@@ -301,7 +294,7 @@ def main(args):
             return dict(loss_t=loss_t)
         xt = to_float(tgt.train_x[t_idx])
         z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
-        with autocast(device, args.amp):
+        with run.autocast():
             fake = g_net(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
 
             # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
@@ -318,7 +311,7 @@ def main(args):
         # foreground's shape: masked PMSE)
         xs_g, ys_g = to_float(src.train_x[g_idx]), src.train_y[g_idx]
         z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
-        with autocast(device, args.amp):
+        with run.autocast():
             fake_g = g_net(xs_g, z).expand_as(xs_g)
             loss_g = args.style_weight * generator_gan_loss(d_net, fake_g)
             loss_c = masked_pmse(fake_g, xs_g, xs_g.mean(1, keepdim=True) > args.mask_threshold)
@@ -329,8 +322,8 @@ def main(args):
         return dict(loss_t=loss_t, loss_d=loss_d, loss_g=loss_g, pmse=loss_c,
                     t_acc_on_fake=(logits_fake.argmax(1) == ys).float().mean())
 
-    train_step = GraphedStep(train_step, args.cuda_graph, device, [g])  # --cuda-graph on: recorded once, then replayed
-    for step in range(load_checkpoint(args, run_dir, state) + 1, args.steps + 1):
+    train_step = run.graphed(train_step, [g])  # --cuda-graph on: recorded once, then replayed
+    for step in range(run.resume(state) + 1, args.steps + 1):
         # ALGO LOGIC
         lr = opts[0].param_groups[0]["lr"]  # (a recorded step holds its learning rate: the staircase records anew)
         stats = train_step(s_sampler.next(), key=lr) if args.source_only else \
@@ -344,25 +337,22 @@ def main(args):
         if not args.source_only and args.grid_every and step % args.grid_every == 0:
             save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / f"samples_{step:07d}.png", generator=grid_g)
             meter.image("samples", run_dir / f"samples_{step:07d}.png", step)
-        save_checkpoint(run_dir, step, args.ckpt_every, args.steps, state)
+        run.checkpoint(step, state)
 
     # ---- final model's accuracy (no checkpoint selection) --------------------------------------------------------
-    final = evaluate_domains(t_net, src, tgt, final=True, source_model=s_net, keep_best=best, **ev)
+    final = run.keep_best(t_net, evaluate_domains(t_net, src, tgt, final=True, source_model=s_net, **ev))
     meter.write(step=args.steps, **final)
-    shares = predict_target(run_dir, t_net, src, tgt, **ev)  # label-free: each class's share
+    shares = run.predictions(t_net, src, tgt, **ev)  # label-free: each class's share
     if not args.source_only:
         save_grid(g_net, grid_xs, grid_xt, args.noise_dim, run_dir / "samples_final.png", generator=grid_g)
         meter.image("samples", run_dir / "samples_final.png", args.steps)
-    if not args.no_save_model:
-        atomic_torch_save({"task_net": t_net.state_dict(), "generator": g_net.state_dict(),
-                           "discriminator": d_net.state_dict(),
-                           "private_conv": private.state_dict() if private is not None else None,
-                           "args": vars(args)}, run_dir / "model.pt")
-    finish(run_dir, {
+    run.save_model({"task_net": t_net.state_dict(), "generator": g_net.state_dict(), "discriminator": d_net.state_dict(),
+                    "private_conv": private.state_dict() if private is not None else None, "args": vars(args)})
+    run.finish({
         "method": "pixelda", "task": args.task, "variant": args.variant, "seed": args.seed, "steps": args.steps,
         "target_acc": round(final["target_test_acc"], 3), "source_acc": round(final["source_test_acc"], 3),
-        "class_shares": shares}, meter, t_start, device, final, (src, tgt))
+        "class_shares": shares}, final, (src, tgt))
 
 
 if __name__ == "__main__":
-    main_guard(main, parse_args)
+    Run.main(main, parse_args)

@@ -276,6 +276,29 @@ ok = fake.shape == (2, 1, 32, 32) and bool(torch.isfinite(loss)) and float(pm) <
 }
 
 
+def test_scripts_import_a_narrow_interface_and_evaluation_writes_nothing(tmp_path):
+    """Each script imports at most 12 names from common.py (data, a backbone, evaluation, Flags, Run), and
+    evaluation returns numbers without writing a file: saving the best model and the predictions are Run's calls."""
+    counts = {}
+    for script in SCRIPTS:
+        for node in ast.walk(ast.parse((HERE / f"{script}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "common":
+                counts[script] = counts.get(script, 0) + len(node.names)
+            assert not (isinstance(node, ast.Import) and any(a.name == "common" for a in node.names)), script
+    assert set(counts) == set(SCRIPTS) and max(counts.values()) <= 12, counts
+    x = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    y = torch.arange(40) % 10
+    dom = common.Domain("d", (x, y), (x, y), "cpu", [str(c) for c in range(10)])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        rec = common.evaluate_domains(common.lenet(), dom, dom, final=True)
+        shares, _, _ = common.class_shares(common.lenet(), dom, dom)
+    finally:
+        os.chdir(cwd)
+    assert list(tmp_path.iterdir()) == [] and 0 <= rec["target_test_acc"] <= 100 and len(shares["emptied_classes"]) <= 10
+
+
 @pytest.mark.parametrize("script", list(LIFT_CALLS))
 def test_the_method_lifts_out_of_its_script_without_common(script, tmp_path):
     """Copying a method means copying its "ALGO LOGIC" block: that block (up to `main`) runs with torch alone, in a
@@ -362,7 +385,7 @@ def test_accuracy_on_a_hand_made_case_uses_eval_mode():
     assert m.training  # mode restored
 
 
-def test_predict_target_names_a_class_whose_target_images_went_to_another(tmp_path, capsys):
+def test_class_shares_name_a_class_whose_target_images_went_to_another(tmp_path, capsys):
     """The label-free check: a model that reads target 7s as 9s gives 7 almost no predictions; the share is measured
     against the source labels' share, so a class that is merely rarer in the target (0 here) is not named."""
     ys = torch.arange(10).repeat_interleave(torch.tensor([20, 10, 10, 10, 10, 10, 10, 10, 10, 10]))  # 0 twice as common
@@ -377,7 +400,12 @@ def test_predict_target_names_a_class_whose_target_images_went_to_another(tmp_pa
             c = ((x.flatten(1)[:, 0] + 1) / 2 * 255).round().long()
             return F.one_hot(torch.where(c == 7, 9, c), 10).float()
 
-    shares = common.predict_target(tmp_path, ReadsSevenAsNine(), src, tgt)
+    pure, pred, conf = common.class_shares(ReadsSevenAsNine(), src, tgt)  # evaluation: numbers only
+    assert capsys.readouterr().out == "" and pred.tolist()[70:80] == [9] * 10 and len(conf) == 100
+    run = object.__new__(common.Run)  # its report: the same shares, a line on stdout, a csv for a folder task
+    run.dir = tmp_path
+    shares = run.predictions(ReadsSevenAsNine(), src, tgt)
+    assert shares == pure
     assert shares["target_pred_share"] == [10.0] * 7 + [0.0, 10.0, 20.0] and shares["emptied_classes"] == ["7"]
     assert shares["source_label_share"][0] == round(100 * 20 / 110, 2)
     assert "class 7 gets 0.0 % of the target predictions" in capsys.readouterr().out
@@ -897,17 +925,17 @@ def test_a_stopped_run_resumes_to_the_same_final_model(script, data_env, tmp_pat
     m = SCRIPTS[script]
     flags = RESUME_RUNS[script] + ["--log-every", "4", "--no-download"]
     whole, whole_run, _ = run_main(m, [*flags, "--out", tmp_path / "a"], capsys)
-    real_save = m.save_checkpoint
+    real_save = common.save_checkpoint
 
     def save_then_stop(run_dir, step, every, total, state):
         real_save(run_dir, step, every, total, state)
         if step == 6:
             raise KeyboardInterrupt  # Ctrl-C right after the checkpoint at step 6
 
-    monkeypatch.setattr(m, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         m.main(m.parse_args([*flags, "--ckpt-every", "6", "--out", str(tmp_path / "b")]))
-    monkeypatch.setattr(m, "save_checkpoint", real_save)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
     (stopped,) = (tmp_path / "b").iterdir()
     assert (stopped / "checkpoint.pt").exists() and not (stopped / "summary.json").exists()
     resumed, run, out = run_main(m, ["--resume", stopped], capsys)
@@ -986,17 +1014,17 @@ def test_gam_resumes_across_a_restart_of_the_gan_stage(data_env, tmp_path, capsy
     flags = RESUME_RUNS["gam"] + ["--restart-emptied", "1", "--log-every", "4", "--no-download"]
     whole, whole_run, _ = run_main(gam, [*flags, "--out", tmp_path / "a"], capsys)
     assert whole["gan_restarts"] == [4]
-    real_save = gam.save_checkpoint
+    real_save = common.save_checkpoint
 
     def save_then_stop(run_dir, step, every, total, state):
         real_save(run_dir, step, every, total, state)
         if step == 12:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(gam, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         gam.main(gam.parse_args([str(f) for f in flags] + ["--ckpt-every", "12", "--out", str(tmp_path / "b")]))
-    monkeypatch.setattr(gam, "save_checkpoint", real_save)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
     (stopped,) = (tmp_path / "b").iterdir()
     resumed, run, _ = run_main(gam, ["--resume", stopped], capsys)
     assert (resumed["gan_restarts"], resumed["gan_joins"]) == (whole["gan_restarts"], whole["gan_joins"])
@@ -1273,8 +1301,8 @@ def test_gam_smoke(flags, variant, data_env, tmp_path, capsys):
 def test_gam_restart_emptied_changes_nothing_when_no_class_is_emptied(data_env, tmp_path, capsys, monkeypatch):
     flags = [*GAM_SHORT, "--converge-window", "2", "--converge-tol", "100"]
     plain, run_a, _ = run_main(gam, [*flags, "--out", tmp_path / "a"], capsys)
-    real = common.predict_target
-    monkeypatch.setattr(gam, "predict_target", lambda *a, **k: dict(real(*a, **k), emptied_classes=[]))
+    real = common.class_shares
+    monkeypatch.setattr(gam, "class_shares", lambda *a, **k: (dict(real(*a, **k)[0], emptied_classes=[]), None, None))
     checked, run_b, _ = run_main(gam, [*flags, "--restart-emptied", "2", "--out", tmp_path / "b"], capsys)
     assert checked["gan_restarts"] == [] and checked["gan_joins"] == plain["gan_joins"] == [0, 4]
     a, b = (torch.load(r / "model.pt", weights_only=True)["model"] for r in (run_a, run_b))
@@ -1528,13 +1556,13 @@ def test_pixelda_each_weight_sits_on_its_own_term(flags, moves, data_env, tmp_pa
     """--domain-weight weighs D's loss only, --style-weight G's GAN loss and --task-in-g-weight T's loss in G's step
     (the release's placement): with the two G terms at 0 (content 0 by default) G gets no gradient; with D's weight
     at 0, D stays where it started while G still learns to fool it. Moving a weight to another term breaks this."""
-    start, real = {}, pixelda.load_checkpoint
+    start, real = {}, common.load_checkpoint
 
     def spy(args, run_dir, state):  # the networks as training starts
         start.update({k: {n: v.clone() for n, v in state[k].state_dict().items()} for k in ("g_net", "d_net")})
         return real(args, run_dir, state)
 
-    monkeypatch.setattr(pixelda, "load_checkpoint", spy)
+    monkeypatch.setattr(common, "load_checkpoint", spy)
     _, run, _ = run_main(pixelda, ["--task", "mnist-usps", "--steps", "3", "--batch-size", "4", "--res-blocks", "1",
                                    "--eval-every", "0", "--no-download", "--out", tmp_path, *flags], capsys)
     saved = torch.load(run / "model.pt", weights_only=True)
