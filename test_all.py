@@ -2216,8 +2216,9 @@ def test_benchmark_submitit_refuses_a_bad_setup_with_one_line(case, fake_slurm, 
              "--no-wait"]
     if case == "half-way":  # the second array is refused: the first one is cancelled, nothing stays submitted
         env = dict(env, FAKE_SBATCH_FAIL_AT="2")
-    if case == "no-slurm":
-        env = dict(env, PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")
+    if case == "no-slurm":  # (every folder that has an sbatch left out: the fake one, a real SLURM's)
+        env = dict(env, PATH=":".join(d for d in [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
+                                      if not os.path.exists(os.path.join(d, "sbatch"))))
     if case == "log-folder":
         (tmp_path / "file").write_text("")
         flags += ["--log-folder", str(tmp_path / "file" / "jobs")]
