@@ -2208,7 +2208,7 @@ def test_benchmark_submitit_writes_slurm_arrays_and_chunks_a_large_grid(fake_slu
     assert not (log / "sbatch_3.sh").exists() and not (log / "scancel").exists()
 
 
-@pytest.mark.parametrize("case", ["partition", "half-way", "no-slurm", "log-folder"])
+@pytest.mark.parametrize("case", ["partition", "half-way", "no-slurm", "log-folder", "timeout"])
 def test_benchmark_submitit_refuses_a_bad_setup_with_one_line(case, fake_slurm, tmp_path):
     env, log = fake_slurm
     flags = ["--methods", "dann", "--tasks", "mnist-usps", "--seeds", *map(str, range(6)), "--launcher", "submitit",
@@ -2222,12 +2222,15 @@ def test_benchmark_submitit_refuses_a_bad_setup_with_one_line(case, fake_slurm, 
     if case == "log-folder":
         (tmp_path / "file").write_text("")
         flags += ["--log-folder", str(tmp_path / "file" / "jobs")]
+    if case == "timeout":  # SLURM's warning signal would come as the runs start
+        flags += ["--timeout-min", "2"]
     res, rows = _bench(env, tmp_path, "bad", *flags, *DANN_TINY)
     err = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), res.stderr[-2000:]
     assert {"partition": "invalid partition specified: nope", "half-way": "4 submitted jobs cancelled",
-            "no-slurm": "no sbatch", "log-folder": "not writable"}[case] in err[0]
+            "no-slurm": "no sbatch", "log-folder": "not writable", "timeout": "--timeout-min 2"}[case] in err[0]
     assert not rows and (case != "half-way" or (log / "scancel").read_text().split() == [f"4001_{i}" for i in range(4)])
+    assert case in ("partition", "half-way") or not list(log.glob("sbatch_*"))  # refused before sbatch
 
 
 def _children(pid):
