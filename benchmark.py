@@ -67,7 +67,8 @@ and the requeued task continues that run from its last checkpoint (`--resume`). 
 the jobs on a copy of the scripts taken at submit time, so edits made afterwards change nothing; without
 `--no-wait`, benchmark.py waits for the jobs and writes the rows itself. `--cluster local` runs the same jobs as
 processes on this machine (the tests use it). Setup errors (no `sbatch`, a partition sbatch refuses, a log folder
-that cannot be written) stop with one line and exit code 2, with nothing left submitted.
+that cannot be written, a `--timeout-min` under 3 that SLURM's warning would cut at once) stop with one line and exit
+code 2, with nothing left submitted. A requeued task waits for SLURM's `cred_expire` (120 s by default) to start again.
 """
 
 import argparse
@@ -837,6 +838,11 @@ def submit(args, jobs):
 
     executor = submitit.AutoExecutor(folder=folder, cluster=None if args.cluster == "auto" else args.cluster)
     local = executor.cluster != "slurm"
+    # submitit asks for SLURM's warning signal 90 s before the time limit, and SLURM may send it up to 60 s earlier
+    # (sbatch --signal): under 3 minutes, every run would be stopped and requeued as it starts
+    if not local and args.timeout_min < 3:
+        stop(f"--timeout-min {args.timeout_min}: SLURM may send its warning signal 150 s before the time limit, which "
+             "would stop every run as it starts; give 3 minutes or more")
     gpus = args.gpus_per_job
     if local:  # a local "cluster" has what this machine has
         import torch

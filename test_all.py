@@ -2236,7 +2236,7 @@ def test_benchmark_submitit_writes_slurm_arrays_and_chunks_a_large_grid(fake_slu
     assert not (log / "sbatch_3.sh").exists() and not (log / "scancel").exists()
 
 
-@pytest.mark.parametrize("case", ["partition", "half-way", "no-slurm", "log-folder"])
+@pytest.mark.parametrize("case", ["partition", "half-way", "no-slurm", "log-folder", "timeout"])
 def test_benchmark_submitit_refuses_a_bad_setup_with_one_line(case, fake_slurm, tmp_path):
     env, log = fake_slurm
     flags = ["--methods", "dann", "--tasks", "mnist-usps", "--seeds", *map(str, range(6)), "--launcher", "submitit",
@@ -2244,17 +2244,21 @@ def test_benchmark_submitit_refuses_a_bad_setup_with_one_line(case, fake_slurm, 
              "--no-wait"]
     if case == "half-way":  # the second array is refused: the first one is cancelled, nothing stays submitted
         env = dict(env, FAKE_SBATCH_FAIL_AT="2")
-    if case == "no-slurm":
-        env = dict(env, PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")
+    if case == "no-slurm":  # (every folder that has an sbatch left out: the fake one, a real SLURM's)
+        env = dict(env, PATH=":".join(d for d in [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
+                                      if not os.path.exists(os.path.join(d, "sbatch"))))
     if case == "log-folder":
         (tmp_path / "file").write_text("")
         flags += ["--log-folder", str(tmp_path / "file" / "jobs")]
+    if case == "timeout":  # SLURM's warning signal would come as the runs start
+        flags += ["--timeout-min", "2"]
     res, rows = _bench(env, tmp_path, "bad", *flags, *DANN_TINY)
     err = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), res.stderr[-2000:]
     assert {"partition": "invalid partition specified: nope", "half-way": "4 submitted jobs cancelled",
-            "no-slurm": "no sbatch", "log-folder": "not writable"}[case] in err[0]
+            "no-slurm": "no sbatch", "log-folder": "not writable", "timeout": "--timeout-min 2"}[case] in err[0]
     assert not rows and (case != "half-way" or (log / "scancel").read_text().split() == [f"4001_{i}" for i in range(4)])
+    assert case in ("partition", "half-way") or not list(log.glob("sbatch_*"))  # refused before sbatch
 
 
 def _children(pid):
@@ -2300,6 +2304,80 @@ def test_benchmark_submitit_requeued_cell_continues_to_the_uninterrupted_model(d
         assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
     again = benchmark.Cell("dann", "mnist-usps", 0, flags, 1, str(out), 50)()  # a finished cell is not run again
     assert again["run_dir"] == cut["run_dir"] and again["target_acc"] == cut["target_acc"]
+
+
+def _slurm_partition():
+    """The default (else the first) partition that is up on a SLURM that answers here (sinfo), or None."""
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    up = [p for p, a in (line.split() for line in res.stdout.splitlines() if res.returncode == 0) if a == "up"]
+    return next((p[:-1] for p in up if p.endswith("*")), up[0] if up else None)
+
+
+def _queued(name="uda-benchmark"):
+    """Ids of this user's jobs that SLURM still holds (squeue: pending, running, completing) under benchmark.py's
+    job name."""
+    res = subprocess.run(["squeue", "-h", "-u", str(os.getuid()), "-n", name, "-o", "%i"], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return set(res.stdout.split())
+
+
+def test_benchmark_submitit_real_slurm_array_preemption_and_refusal(env, tmp_path):
+    """On a real SLURM (CI starts a one-node one: .ci/slurm up): the 2-run DANN grid as a job array through
+    `--cluster slurm` gives the local launcher's rows, seed for seed. Seed 0's array task is sent SLURM's warning
+    signal (USR2) after its first checkpoint: submitit requeues it and the requeued task continues the run to the
+    final model of the uninterrupted local run, bit for bit. A partition SLURM does not have is refused in one line,
+    exit code 2, with nothing queued. (Run folders and data are under pytest's tmp_path: a one-node cluster.)"""
+    pytest.importorskip("submitit")
+    import time as _time
+
+    part = _slurm_partition()
+    if part is None:
+        pytest.skip("no SLURM answers here (sinfo); CI starts a one-node one with .ci/slurm up")
+    slurm = ["--launcher", "submitit", "--cluster", "slurm", "--gpus-per-job", "0", "--cpus-per-job", "1",
+             "--mem-gb", "1", "--timeout-min", "5"]  # (SLURM may send the warning up to 150 s before the limit)
+    runs = ["--", "--steps", "600", "--batch-size", "8", "--eval-every", "0", "--log-every", "100", "--no-download",
+            "--threads", "1"]  # seconds from its first checkpoint (step 50) to its end: time to be signalled
+    log = tmp_path / "slurm.log"
+    with open(log, "w") as fo:
+        grid = subprocess.Popen([sys.executable, "benchmark.py", "--out", str(tmp_path / "slurm"), "--results",
+                                 str(tmp_path / "slurm.json"), "--markdown", str(tmp_path / "slurm.md"), *DANN_CELLS,
+                                 *slurm, "--partition", part, "--ckpt-every", "50", *runs], env=env, cwd=HERE,
+                                stdout=fo, stderr=subprocess.STDOUT, text=True)
+    array = None
+    try:
+        deadline = _time.time() + 300
+        while not list((tmp_path / "slurm").glob("dann__mnist-usps__0__*/checkpoint.pt")):
+            assert grid.poll() is None and _time.time() < deadline, log.read_text()[-3000:]
+            _time.sleep(0.05)
+        array = re.search(r"submitted 2 runs as slurm job\(s\) (\d+);", log.read_text()).group(1)
+        subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], check=True, timeout=30)  # seed 0: the first task
+        # while the task waits to start again: the local launcher's rows, and a refused partition
+        res, local = _bench(env, tmp_path, "pool", *DANN_CELLS, "--jobs", "2", *runs)
+        assert res.returncode == 0, res.stderr[-2000:]
+        before = _queued()
+        res, rows = _bench(env, tmp_path, "refused", *DANN_CELLS, *slurm, "--partition", "no-such-partition", *runs)
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1 and "invalid partition" in err[0], res.stderr[-2000:]
+        assert not rows and not _queued() - before  # nothing of it was queued
+        assert grid.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+        if array is not None:
+            subprocess.run(["scancel", array], timeout=30)
+    task = (tmp_path / "slurm" / "submitit" / f"{array}_0_0_log.out").read_text()
+    assert "Requeued" in task and "resuming" in task, task[-3000:]  # stopped by the signal, then continued
+    (a,), (b,) = local.values(), json.loads((tmp_path / "slurm.json").read_text())["rows"].values()
+    for k in ("seeds", "target_acc", "source_acc", "steps", "variant", "command"):
+        assert a[k] == b[k], k
+    for seed in (0, 1):
+        (x,), (y,) = ((tmp_path / o).glob(f"dann__mnist-usps__{seed}__*/model.pt") for o in ("pool", "slurm"))
+        x, y = torch.load(x, weights_only=True), torch.load(y, weights_only=True)
+        for net in ("model", "domain_classifier"):
+            assert x[net].keys() == y[net].keys() and all(torch.equal(x[net][k], y[net][k]) for k in x[net]), (seed, net)
 
 
 # ---- label-free model selection (common.validator_scores, common.selection, --keep-best) -------------------------
