@@ -489,9 +489,9 @@ def git(*args):
 def provenance(method):
     """What made a run, recorded per seed: the commit, which of the method's files had uncommitted changes, the
     behaviour fingerprint of the code as it is, and (filled from the run's summary) torch, device and threads."""
-    dirty = git("status", "--porcelain", "--", f"{method}.py", "common.py", "benchmark.py")
-    return {"commit": git("rev-parse", "--short=12", "HEAD"),
-            "dirty": sorted(line[3:] for line in dirty.splitlines()) if dirty else [],
+    dirty = git("diff", "HEAD", "--name-only", "--", f"{method}.py", "common.py", "benchmark.py")  # (not status's
+    return {"commit": git("rev-parse", "--short=12", "HEAD"),  # columns, which git()'s strip would cut into)
+            "dirty": sorted(dirty.splitlines()) if dirty else [],
             "fingerprint": cached_fingerprint(method)}
 
 
@@ -900,9 +900,8 @@ def stopped_run(log):
 def mean_std(values):
     if not values:
         return "—"
-    m = statistics.mean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.2f} ± {s:.2f}"
+    m = statistics.mean(values)  # one seed has no spread: it says so rather than print ± 0.00
+    return f"{m:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f} (1 seed)"
 
 
 def shown(r, gpu=True):
@@ -1063,7 +1062,7 @@ def status_lines(store):
     """The README's "where it stands", from the same rows as its table: per method, each task's number against the
     paper's, the source-only row of the same schedule where one is stored (so a method that ends below its own
     baseline says so), and the marks of earlier code."""
-    out, lines = [], headline(store)
+    out, lines, waiting = [], headline(store), []
     for m in METHODS:
         parts = []
         for mm, t, paper, rows in lines:
@@ -1080,14 +1079,16 @@ def status_lines(store):
                 so = [o for o in store["rows"].values() if (o["method"], o["task"], o["steps"]) == (m, t, r["steps"])
                       and o["variant"].startswith("source-only") and "--target-val" not in o.get("flags", "")]
                 if so:  # its mark: [earlier code], or the [code of ...] its variant names
-                    (o,) = marked([max(so, key=lambda o: (is_current(o, store), len(o["seeds"])))], store)
+                    base = max(so, key=lambda o: (is_current(o, store), len(o["seeds"])))
+                    (o,) = marked([base], store)
                     code = o["variant"][o["variant"].index("[code of"):] if "[code of" in o["variant"] else o.get("mark", "").strip()
                     txt += f", source only {mean_std(o['target_acc'])} {code}".rstrip()
+                    waiting += [waits_for(base)] if not is_current(base, store) else []
                     txt += ": below its own baseline" if statistics.mean(r["target_acc"]) < statistics.mean(o["target_acc"]) else ""
                 parts.append(txt)
         if parts:
             out.append(f"- **{m}**: " + "; ".join(parts) + ".")
-    return out
+    return out + [f"- Baseline {w}." for w in waiting]
 
 
 def replace_block(text, begin, end, lines):

@@ -2522,7 +2522,14 @@ def test_the_readme_table_is_results_json():
     store = benchmark.load_store(HERE / "results.json")
     assert table == benchmark.readme_table(store)
     status = text.split(benchmark.STATUS_BEGIN, 1)[1].split(benchmark.STATUS_END, 1)[0].strip().splitlines()
-    assert status == benchmark.status_lines(store) and len(status) == len(benchmark.METHODS)
+    assert status == benchmark.status_lines(store)
+    per_method = [line for line in status if line.startswith("- **")]
+    assert len(per_method) == len(benchmark.METHODS)
+    for line in per_method:  # a marked baseline (source only) has its own line naming the re-run it waits for
+        for mark in re.findall(r", source only [0-9.]+ (?:± [0-9.]+|\(1 seed\)) (\[[^]]+\])", line):
+            method = line[4:].split("**")[0]
+            assert any(w.startswith(f"- Baseline {method} ") and "waits for a re-run" in w for w in status), line
+    assert " ± 0.00" not in "\n".join(status)  # one seed has no spread: it says (1 seed)
     shown = [r for _, _, _, rows in benchmark.headline(store) for r in rows]
     assert len([line for line in table if line.startswith("| ") and "| method |" not in line]) >= len(benchmark.HEADLINE)
     for r in shown:  # no headline row ran with --target-val; an earlier-code row is marked and names its re-run
@@ -2574,6 +2581,23 @@ def test_a_row_pools_only_seeds_of_one_fingerprint():
     assert store["rows"][key]["seeds"] == [0, 2] and [p["fingerprint"] for p in store["rows"][key]["provenance"]] == ["new"] * 2
     mixed = benchmark.subset_row(dict(_row(seeds=(0, 1)), provenance=[{"fingerprint": "a"}, {"fingerprint": "b"}]), [1])
     assert mixed["seeds"] == [1] and mixed["fingerprint"] == "b" and mixed["command"].startswith("for s in 1;")
+
+
+def test_provenance_names_each_uncommitted_file_whole(tmp_path, monkeypatch):
+    """A seed's `dirty` lists the method file, common.py or benchmark.py with uncommitted changes, by their full names
+    (seen failing as "enchmark.py" when the first line of git's status columns lost its leading space)."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for f in ("dann.py", "common.py", "benchmark.py", "gam.py"):
+        (tmp_path / f).write_text("x\n")
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "x"]):
+        subprocess.run(git + cmd, cwd=tmp_path, check=True)
+    monkeypatch.setattr(benchmark, "HERE", tmp_path)
+    monkeypatch.setattr(benchmark, "cached_fingerprint", lambda method: "f")
+    assert benchmark.provenance("dann")["dirty"] == []
+    for f in ("benchmark.py", "dann.py", "gam.py"):  # gam.py is not dann's
+        (tmp_path / f).write_text("y\n")
+    prov = benchmark.provenance("dann")
+    assert prov["dirty"] == ["benchmark.py", "dann.py"] and len(prov["commit"]) == 12
 
 
 def test_backfill_names_the_commit_each_seed_ran_on_and_splits_rows_by_fingerprint(monkeypatch):
