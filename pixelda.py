@@ -45,10 +45,9 @@ Measured numbers: RESULTS.md. On MNIST->USPS (seeds 0-2) the private first conv 
 400 CPU steps (peaks 71.1 / 53.2 / 63.9) and at 56.40 / 19.43 / 49.83 after 1000 GPU steps; a shared one
 (`--no-private-conv`) at 77.4 / 58.6 / 57.2 and 64.18 / 55.21 / 33.28: both fall after step 100-200.
 MNIST->MNIST-M at 1000 CPU steps: 78.34 +- 2.08, still rising (86.15 +- 1.57 with the weights until 50f9e9c).
-Until commit 50f9e9c this file put 0.1356 on G's GAN loss and 0.0113 on a masked PMSE (G's adversarial-to-task
-balance about 13:1 instead of the release's about 1:1), used the DANN tower (VALID padding, one first conv), one
-batch and z for both steps, weight decay 1e-5 and one clipping norm per network; those rows are marked with that
-commit in RESULTS.md (MNIST->USPS then collapsed: G redrew digits as other classes).
+Until commit 50f9e9c this file put 0.1356 on G's GAN loss and 0.0113 on a masked PMSE (adversarial-to-task 13:1,
+not the release's 1:1), used the DANN tower, one batch and z for both steps, weight decay 1e-5 and one clipping
+norm per network (RESULTS.md marks those rows with that commit; M->U then collapsed).
 """
 
 import argparse
@@ -204,6 +203,22 @@ def generator_gan_loss(d_net, fake):
     return F.binary_cross_entropy_with_logits(d_net(fake), torch.ones(len(fake), device=fake.device))
 
 
+def task_loss(t_net, s_net, xs, fake, ys):
+    """T's loss: cross entropy on G's renderings (detached: this step does not train G) and, through T's source tower
+    s_net, on the source images; both carry the source labels. Returns (loss, T's logits on the renderings)."""
+    logits_fake = t_net(fake.detach())
+    return F.cross_entropy(s_net(xs), ys) + F.cross_entropy(logits_fake, ys), logits_fake
+
+
+def generator_loss(d_net, t_net, fake, xs, ys, mask_threshold, w_style, w_content, w_task):
+    """G's loss: fool D (w_style), keep the foreground's shape (w_content: masked PMSE over the source pixels brighter
+    than mask_threshold) and the class for T (w_task). Returns (loss, weighted GAN term, PMSE, T's cross entropy)."""
+    loss_g = w_style * generator_gan_loss(d_net, fake)
+    loss_c = masked_pmse(fake, xs, xs.mean(1, keepdim=True) > mask_threshold)
+    loss_gt = F.cross_entropy(t_net(fake), ys)
+    return loss_g + w_content * loss_c + w_task * loss_gt, loss_g, loss_c, loss_gt
+
+
 def clip_and_step(opt, params, clip):
     """Clip each parameter tensor's gradient to norm `clip` (slim's clip_gradient_norms, per tensor), then step."""
     if clip > 0:
@@ -247,11 +262,10 @@ def main(args):
     for net in (g_net, d_net, t_net):
         net.apply(init_weights)
     t_net, g_net, d_net = t_net.to(device), g_net.to(device), d_net.to(device)
-    private = nn.Conv2d(ch, 32, 5, padding=2).to(device) if args.private_conv else None  # source images' conv1
+    # source images' conv1 (official initialisation too)
+    private = nn.Conv2d(ch, 32, 5, padding=2).to(device).apply(init_weights) if args.private_conv else None
     # T as applied to source images: their private first conv (if any), then T's shared layers (the same modules)
     s_net = nn.Sequential(private, *list(t_net.features)[1:], t_net.classifier) if private is not None else t_net
-    if private is not None:
-        private.apply(init_weights)
     t_params = list(t_net.parameters()) + (list(private.parameters()) if private is not None else [])
     adam = dict(lr=args.lr, betas=(args.beta1, 0.999), capturable=args.cuda_graph == "on")  # (capturable: --cuda-graph)
     opt_t = torch.optim.Adam(t_params, weight_decay=args.weight_decay, **adam)
@@ -296,28 +310,24 @@ def main(args):
         z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
         with run.autocast():
             fake = g_net(xs, z).expand_as(xs)  # a gray target's 1-channel output, replicated like the data
-
             # D and T step: D tells target (1) from G(x_s, z) (0); T learns from x_s and G(x_s, z)
             loss_d = args.domain_weight * discriminator_loss(d_net, xt, fake)
-            logits_fake = t_net(fake.detach())
-            loss_t = F.cross_entropy(s_net(xs), ys) + F.cross_entropy(logits_fake, ys)
+            loss_t, logits_fake = task_loss(t_net, s_net, xs, fake, ys)
         opt_d.zero_grad(set_to_none=True)
         opt_t.zero_grad(set_to_none=True)
         (loss_d + loss_t).backward()
         clip_and_step(opt_d, d_params, args.clip)
         clip_and_step(opt_t, t_params, args.clip)
 
-        # G step, on a fresh source batch and z: fool D, keep the class for T (and, with --content-weight, the
-        # foreground's shape: masked PMSE)
+        # G step, on a fresh source batch and z
         xs_g, ys_g = to_float(src.train_x[g_idx]), src.train_y[g_idx]
         z = torch.rand(args.batch_size, args.noise_dim, device=device, generator=g) * 2 - 1
         with run.autocast():
             fake_g = g_net(xs_g, z).expand_as(xs_g)
-            loss_g = args.style_weight * generator_gan_loss(d_net, fake_g)
-            loss_c = masked_pmse(fake_g, xs_g, xs_g.mean(1, keepdim=True) > args.mask_threshold)
-            loss_gt = F.cross_entropy(t_net(fake_g), ys_g)
+            loss, loss_g, loss_c, _ = generator_loss(d_net, t_net, fake_g, xs_g, ys_g, args.mask_threshold,
+                                                     args.style_weight, args.content_weight, args.task_in_g_weight)
         opt_g.zero_grad(set_to_none=True)
-        (loss_g + args.content_weight * loss_c + args.task_in_g_weight * loss_gt).backward(inputs=g_params)
+        loss.backward(inputs=g_params)
         clip_and_step(opt_g, g_params, args.clip)
         return dict(loss_t=loss_t, loss_d=loss_d, loss_g=loss_g, pmse=loss_c,
                     t_acc_on_fake=(logits_fake.argmax(1) == ys).float().mean())

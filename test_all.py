@@ -271,7 +271,10 @@ g, d = Generator(in_ch=1, out_ch=1, size=32, blocks=1), Discriminator(in_ch=1)
 fake = g(torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 10) * 2 - 1)
 loss = discriminator_loss(d, torch.rand(2, 1, 32, 32), fake) + generator_gan_loss(d, fake)
 pm = masked_pmse(fake, fake + 0.3, torch.ones(2, 1, 32, 32))
-ok = fake.shape == (2, 1, 32, 32) and bool(torch.isfinite(loss)) and float(pm) < 1e-6
+t_net, ys = nn.Sequential(nn.Flatten(), nn.Linear(1024, 10)), torch.tensor([3, 7])
+loss_t, _ = task_loss(t_net, t_net, fake.detach(), fake, ys)
+loss_g = generator_loss(d, t_net, fake, fake.detach(), ys, 0.0, 0.01, 0.0, 0.01)[0]
+ok = fake.shape == (2, 1, 32, 32) and bool(torch.isfinite(loss + loss_t + loss_g)) and float(pm) < 1e-6
 """,
 }
 
@@ -1531,6 +1534,32 @@ def test_pixelda_gan_losses_point_in_opposite_directions():
     fake = fake.requires_grad_(True)
     pixelda.discriminator_loss(pixelda.Discriminator(3, 32), xt, fake).backward()
     assert fake.grad is None
+
+
+def test_pixelda_task_and_generator_losses_are_their_terms():
+    """T's loss: cross entropy on x_s (through the source tower) and on G's renderings, both with the source labels,
+    G not trained by it; G's loss: w_style x its GAN loss + w_content x the PMSE masked on the *source* image's
+    bright pixels + w_task x T's cross entropy, each against its equation written out (flipping a sign, a label, the
+    mask's image or the detach fails here)."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1, torch.arange(6) % 3
+    fake = (torch.rand(6, 3, 8, 8, generator=g) * 2 - 1).requires_grad_(True)
+    t_net, s_net, d_net = (nn.Sequential(nn.Flatten(), nn.Linear(192, k)) for k in (3, 3, 1))
+    d = lambda x: d_net(x).squeeze(1)  # noqa: E731  (one logit per image, as pixelda.Discriminator)
+    loss, logits = pixelda.task_loss(t_net, s_net, xs, fake, ys)
+    assert torch.allclose(loss, F.cross_entropy(s_net(xs), ys) + F.cross_entropy(t_net(fake), ys))
+    assert torch.equal(logits, t_net(fake))
+    loss.backward()
+    assert fake.grad is None  # T's step does not train G
+    for w in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, 2.0, 0.7)):
+        total, gan, pmse, ce = pixelda.generator_loss(d, t_net, fake, xs, ys, 0.2, *w)
+        mask = (xs.mean(1, keepdim=True) > 0.2).float()
+        want_gan = F.binary_cross_entropy_with_logits(d(fake), torch.ones(6))
+        want = w[0] * want_gan + w[1] * pixelda.masked_pmse(fake, xs, mask) + w[2] * F.cross_entropy(t_net(fake), ys)
+        assert torch.allclose(total, want) and torch.allclose(gan, w[0] * want_gan), w
+    logit = torch.zeros(6, requires_grad=True)  # G wants its renderings called real: its loss pushes D's logit up
+    pixelda.generator_loss(lambda x: logit, t_net, fake, xs, ys, 0.2, 1.0, 0.0, 0.0)[0].backward()
+    assert (logit.grad < 0).all()
 
 
 def test_pixelda_task_tower_and_batch_norm_are_the_releases():
