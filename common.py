@@ -25,7 +25,7 @@ A first run
 `python dann.py --task mnist-usps` downloads MNIST and USPS into `./data` (about 15 MB), decodes
 them once into a cache, then trains for the paper-style 20,000 steps. Measured: 19 steps/s on the 2-core AMD EPYC
 of RESULTS.md's speed table (about 18 minutes; a machine with more cores is faster). While it trains, a line every 500 steps reads
-`step 1500/20000 | loss_y 0.1203 loss_d 0.6112 dom_acc 0.7105 lam 0.3581 lr 0.006574 | 41.2 steps/s | ETA 7m28s` (losses illustrative): the label
+`step 1500/20000 | loss_y 0.1203 loss_d 0.6112 dom_acc 0.7105 lam 0.3581 lr 0.006574 | 41.2 steps/s | ETA 7m28s` (numbers illustrative): the label
 loss, the domain classifier's loss and accuracy (near 0.5 means the features fool it), the adaptation weight λ and
 the learning rate of the paper's schedules, the training speed (evaluation excluded) and the time left. The last line
 printed is the result as JSON; the same is in `runs/dann__mnist-usps__0__<time>/summary.json` (`target_acc`: USPS
