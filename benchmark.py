@@ -1474,6 +1474,9 @@ def main():
             print(f"python {m}.py --task {t} --seed {s} " + " ".join(shlex.quote(e) for e in fill(extra, t, s)))
         print(f"{len(jobs)} runs", flush=True)
         return
+    if not jobs:  # (nothing is submitted, re-rendered or re-saved)
+        print(f"nothing to run: every seed asked for is in {args.results} at today's code", flush=True)
+        return
     if args.launcher == "submitit":
         results = submit(args, jobs)
         if results is None:  # --no-wait

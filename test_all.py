@@ -2003,6 +2003,10 @@ def test_benchmark_writes_results_from_measured_runs(env, tmp_path):
     assert again.returncode == 0 and "skipping seeds [0, 1]" in again.stdout and again.stdout.count("done in") == 1
     (row,) = json.loads((tmp_path / "results.json").read_text())["rows"].values()
     assert row["seeds"] == [0, 1, 2]
+    stored = (tmp_path / "results.json").read_text()
+    res = run_script([*bench, "--seeds", "1", "2", *flags], env, HERE)  # all there: nothing runs, nothing is rewritten
+    assert res.returncode == 0 and "nothing to run" in res.stdout and "done in" not in res.stdout, res.stdout[-2000:]
+    assert (tmp_path / "results.json").read_text() == stored
 
 
 def test_benchmark_speed_times_each_script_alone(env, tmp_path):
